@@ -1,0 +1,206 @@
+"""The `authd` command: serve, check, test."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+import trio
+
+from authd.listeners import ListenerError
+from authd.tools import ToolError
+from config import ConfigError, load_config
+from lua_api.script import ScriptLoadError
+
+DEMO_DIR = Path("run/authd-demo")
+
+
+def _demo_config() -> Path:
+    """Copy the bundled demo config and script into ./run/authd-demo/."""
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    demo = resources.files("authd.demo")
+    for name in ("authd.toml", "demo.lua"):
+        (DEMO_DIR / name).write_bytes(demo.joinpath(name).read_bytes())
+    return (DEMO_DIR / "authd.toml").resolve()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from authd.logging import configure
+    from authd.server import Server
+
+    if args.dovecot_service:
+        return _serve_dovecot_service(args)
+    demo = args.config is None
+    path = _demo_config() if demo else Path(args.config)
+    config = load_config(path)
+    configure(fmt="json" if args.json_logs else config.log.format, level=args.log_level or config.log.level)
+    if demo:
+        print(f"authd demo: config and script in {path.parent}/", file=sys.stderr)
+        for listener in config.listeners:
+            print(f"  {listener.type:7s} socket: {listener.where}", file=sys.stderr)
+        client = next(x.where for x in config.listeners if x.type == "client")
+        print(f"try: authd test --socket {client} alice alicepass", file=sys.stderr)
+    server = Server(config)
+    trio.run(server.serve)
+    return 0
+
+
+def _serve_dovecot_service(args: argparse.Namespace) -> int:
+    """Run as Dovecot's `service auth` executable (sockets and log pipe from its master)."""
+    from authd import dovecot_service
+    from authd.logging import configure
+    from authd.server import ListenerInfo, Server
+    from config.schema import ListenerSettings
+    from lua_api.runtime import lua_module
+
+    if args.config is None:
+        raise SystemExit("authd: --dovecot-service needs --config")
+    config = load_config(Path(args.config), require_listeners=False)
+    configure(fmt="dovecot", level=args.log_level or config.log.level)
+    listeners = []
+    for inherited in dovecot_service.inherited_listeners():
+        if inherited.type == "token":
+            continue  # DOVECOT-TOKEN (imap-urlauth) is not supported; leave the socket unserved
+        settings = ListenerSettings(
+            type=inherited.type, path=Path(inherited.path) if inherited.path else None
+        )
+        listeners.append(ListenerInfo(settings, inherited.listener, owned=False))
+    # Build everything (imports, Lua runtimes) while still root, then become the
+    # service user: modules imported later might not be readable by it.
+    server = Server(config, listeners=listeners)
+    lua_module(config.lua.version)
+    dovecot_service.drop_privileges()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                dovecot_service.watch_master, lambda: server.shutdown("Dovecot master went away")
+            )
+            await server.serve()
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from authd.logging import configure
+    from authd.server import Server
+
+    config = load_config(Path(args.config))
+    configure(level="warning")
+    # One state per script is enough to prove every script loads and initialises.
+    server = Server(replace(config, lua=replace(config.lua, workers=1)))
+
+    async def load() -> None:
+        await server.load()
+        await server.close()
+
+    trio.run(load)
+    print(f"{args.config}: OK ({len(config.listeners)} listeners, {len(config.passdbs)} passdbs)")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from authd.tools import authenticate
+
+    params = []
+    for item in args.extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"authd test: -x expects key=value, got {item!r}")
+        params.append((key, value))
+    reply = authenticate(args.socket, args.user, args.password, mechanism=args.mechanism, params=params)
+    user = next((v for k, v in reply.fields if k == "user"), args.user)
+    print(f"passdb: {user} auth {'succeeded' if reply.ok else 'failed'}")
+    if reply.fields:
+        print("extra fields:")
+        for key, value in reply.fields:
+            print(f"  {key}" if value is None else f"  {key}={value}")
+    return 0 if reply.ok else 77
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    from authd.tools import user_lookup
+
+    reply = user_lookup(args.socket, args.user)
+    if reply.failed:
+        print(f"userdb lookup failed for {args.user}", file=sys.stderr)
+        return 75
+    if not reply.found:
+        print(f"userdb lookup: user {args.user} doesn't exist", file=sys.stderr)
+        return 67
+    print(f"userdb: {reply.user}")
+    for key, value in reply.fields:
+        print(f"  {key:10s}: {value if value is not None else ''}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from authd.tools import list_users
+
+    for name in list_users(args.socket, args.mask):
+        print(name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="authd", description="Dovecot-protocol auth daemon running Dovecot Lua scripts"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground (no --config: bundled demo)")
+    serve.add_argument("--config", "-c", help="TOML configuration file")
+    serve.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--dovecot-service",
+        action="store_true",
+        help="run as Dovecot's `service auth` executable: take its sockets (fds 7..), log to its log pipe",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    check = commands.add_parser("check", help="validate a configuration and load every script")
+    check.add_argument("--config", "-c", required=True)
+    check.set_defaults(func=cmd_check)
+
+    test = commands.add_parser(
+        "test", help="authenticate against an auth-client socket, like doveadm auth test"
+    )
+    test.add_argument("--socket", "-a", required=True, help="unix socket path or host:port")
+    test.add_argument("--mechanism", "-m", default="PLAIN", choices=("PLAIN", "LOGIN", "plain", "login"))
+    test.add_argument(
+        "-x", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="extra AUTH fields"
+    )
+    test.add_argument("user")
+    test.add_argument("password")
+    test.set_defaults(func=cmd_test)
+
+    lookup = commands.add_parser("lookup", help="look a user up in the userdb, like doveadm user")
+    lookup.add_argument("--socket", "-a", required=True, help="auth-userdb or auth-master socket")
+    lookup.add_argument("user")
+    lookup.set_defaults(func=cmd_lookup)
+
+    listing = commands.add_parser("list", help="list users, like doveadm user '*'")
+    listing.add_argument("--socket", "-a", required=True, help="auth-userdb or auth-master socket")
+    listing.add_argument("mask", nargs="?", default="*")
+    listing.set_defaults(func=cmd_list)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"authd: {exc}", file=sys.stderr)
+        return 2
+    except (ScriptLoadError, ListenerError, ToolError) as exc:
+        print(f"authd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Opening the configured sockets: unix sockets with mode/owner, TCP, inherited fds."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import socket
+import stat
+from pathlib import Path
+
+import structlog
+import trio
+
+from config.schema import ListenerSettings
+
+log = structlog.get_logger("authd.listeners")
+
+
+class ListenerError(Exception):
+    """A socket could not be opened; the message says which and why."""
+
+
+def _unlink_stale(path: Path) -> None:
+    """Remove a leftover socket file, but refuse to steal one a live daemon uses."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenerError(f"{path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise ListenerError(f"{path}: another process is already listening on this socket")
+
+
+def open_unix(settings: ListenerSettings) -> socket.socket:
+    assert settings.path is not None
+    path = settings.path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _unlink_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, settings.mode)
+        uid = pwd.getpwnam(settings.user).pw_uid if settings.user else -1
+        gid = grp.getgrnam(settings.group).gr_gid if settings.group else -1
+        if uid != -1 or gid != -1:
+            os.chown(path, uid, gid)
+        sock.listen(128)
+    except KeyError as exc:
+        raise ListenerError(f"{path}: unknown user or group {exc.args[0]}") from None
+    except OSError as exc:
+        raise ListenerError(f"{path}: {exc.strerror}") from None
+    return sock
+
+
+def open_tcp(settings: ListenerSettings) -> socket.socket:
+    assert settings.address is not None and settings.port is not None
+    try:
+        infos = socket.getaddrinfo(settings.address, settings.port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        raise ListenerError(f"{settings.where}: {exc.strerror}") from None
+    return sock
+
+
+def open_listener(settings: ListenerSettings) -> trio.SocketListener:
+    sock = open_unix(settings) if settings.path is not None else open_tcp(settings)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))

@@ -1,0 +1,334 @@
+"""One auth-master or auth-userdb connection: USER, PASS, LIST, REQUEST, CACHE-FLUSH.
+
+USER and PASS run concurrently (replies go out as they finish, as in Dovecot);
+LIST is served inline, so further input waits until the listing is done.
+REQUEST hands a finished login-socket request over to the post-login process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import stat
+import struct
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from authd.auth_request import AuthRequest, UsernameError
+from lua_api.results import PassdbResult, UserdbResult
+from protocol.errors import PeerError
+from protocol.events import Field
+from protocol.master import (
+    AuthMasterServer,
+    CacheFlush,
+    ListUsers,
+    LoginRequest,
+    MasterEvent,
+    PassLookup,
+    UserLookup,
+)
+
+if TYPE_CHECKING:
+    from authd.server import Server
+
+log = structlog.get_logger("authd.master")
+
+
+def peer_credentials(stream: trio.SocketStream) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a unix socket peer, via SO_PEERCRED."""
+    sock = stream.socket
+    if sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def restricted_uid(path: str | None, creds: tuple[int, int, int] | None) -> int | None:
+    """Dovecot's 0666-userdb-socket rule: a peer owning neither the socket's uid nor gid
+    may only look up users whose userdb uid is its own (and may not PASS or LIST)."""
+    if path is None or creds is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_IMODE(st.st_mode) & 0o777 != 0o666:
+        return None
+    _, uid, gid = creds
+    if uid == st.st_uid or gid == st.st_gid:
+        return None
+    return uid
+
+
+class MasterConnection:
+    def __init__(
+        self, server: Server, stream: trio.SocketStream, *, userdb_only: bool, where: str, path: str | None
+    ) -> None:
+        self.server = server
+        self.stream = stream
+        self.where = where
+        self.path = path
+        self.proto = AuthMasterServer(server.spid, userdb_only=userdb_only)
+        self.creds = peer_credentials(stream)
+        self.restricted_uid = restricted_uid(path, self.creds)
+        self._send_lock = trio.Lock()
+        self.closed = False
+
+    async def run(self) -> None:
+        self.proto.initiate()
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.flush()
+                await self._read_loop(nursery)
+                nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("master.internal_error", listener=self.where)
+        finally:
+            self.closed = True
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await self.stream.aclose()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            try:
+                events = self.proto.receive_data(data)
+            except PeerError as exc:
+                log.error("master.protocol_error", message=str(exc), listener=self.where)
+                await self.flush()
+                return
+            for event in events:
+                await self._handle(event, nursery)
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._send_lock:
+            data = self.proto.data_to_send()
+            if data and not self.closed:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.closed = True
+
+    async def _handle(self, event: MasterEvent, nursery: trio.Nursery) -> None:
+        # User name checks answer at once, in order, as Dovecot does; lookups run as tasks.
+        if isinstance(event, UserLookup):
+            req = self._prepare(event, userdb=True)
+            if req is not None:
+                nursery.start_soon(self._guarded, event.request_id, self._user, req)
+        elif isinstance(event, PassLookup):
+            req = self._prepare(event, userdb=False)
+            if req is not None:
+                nursery.start_soon(self._guarded, event.request_id, self._pass, req)
+        elif isinstance(event, LoginRequest):
+            nursery.start_soon(self._guarded, event.request_id, self._login_request, event)
+        elif isinstance(event, ListUsers):
+            await self._list(event)
+        elif isinstance(event, CacheFlush):
+            count = self.server.cache_flush(event.users)
+            self.proto.cache_flushed(event.request_id, count)
+
+    async def _guarded(self, request_id: int, handler, event) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await handler(event)
+        except Exception:
+            log.exception("master.internal_error", request_id=request_id)
+            self.proto.failed(request_id)
+        await self.flush()
+
+    # --- USER -----------------------------------------------------------------------
+
+    def _prepare(self, event: UserLookup | PassLookup, *, userdb: bool) -> AuthRequest | None:
+        """master_input_auth_request: a request with the user name set, or NOTFOUND now."""
+        req = self.server.new_request(event.request_id)
+        req.import_params(event.params, auth=False)
+        req.userdb_lookup = userdb
+        try:
+            req.set_username(event.username)
+        except UsernameError as exc:
+            log.info(
+                "userdb.invalid_username" if userdb else "passdb.invalid_username",
+                message=str(exc),
+                **req.log_context(),
+            )
+            self.proto.not_found(req.id)
+            return None
+        return req
+
+    async def _user(self, req: AuthRequest) -> None:
+        result = await self.server.userdbs.lookup(req)
+        self._reply_user(req, result)
+
+    def _reply_user(self, req: AuthRequest, result: int) -> None:
+        """user_callback: USER / NOTFOUND / FAIL, honouring the restricted-socket rule."""
+        if req.userdb_lookup_tempfailed:
+            result = UserdbResult.INTERNAL_FAILURE
+        reply = req.userdb_reply
+        if result == UserdbResult.OK and self.restricted_uid is not None:
+            uid = reply.find(b"uid") if reply is not None else None
+            if uid is None or not uid.isdigit() or int(uid) != self.restricted_uid:
+                log.error(
+                    "userdb.restricted",
+                    message="client doesn't have lookup permissions for this user "
+                    f"(to bypass this check, set mode = 0o777 on {self.where})",
+                    **req.log_context(),
+                )
+                result = UserdbResult.INTERNAL_FAILURE
+        if result == UserdbResult.OK:
+            self.proto.user_found(req.id, req.user or b"", list(reply) if reply is not None else [])
+        elif result == UserdbResult.USER_UNKNOWN:
+            self.proto.not_found(req.id)
+        else:
+            reason = reply.find(b"reason") if req.userdb_lookup_tempfailed and reply is not None else None
+            self.proto.failed(req.id, reason)
+        self.server.log_result(req, {1: "ok", -2: "notfound"}.get(result, "temp_fail"))
+
+    # --- PASS -----------------------------------------------------------------------
+
+    async def _pass(self, req: AuthRequest) -> None:
+        if self.restricted_uid is not None:
+            log.error(
+                "passdb.restricted",
+                message=f"Auth client doesn't have permissions to do a PASS lookup: {self.where} mode=0666, "
+                f"but not owned by UID {self.restricted_uid}",
+                **req.log_context(),
+            )
+            self.proto.failed(req.id)
+            return
+        result, _ = await self.server.passdbs.lookup_credentials(req, "")
+        if result == PassdbResult.OK:
+            if req.failed or not req.passdb_success:
+                self.proto.failed(req.id)
+            else:
+                self.proto.pass_found(req.id, req.user or b"", list(req.extra_fields))
+        elif result in (PassdbResult.USER_UNKNOWN, PassdbResult.USER_DISABLED, PassdbResult.PASS_EXPIRED):
+            self.proto.not_found(req.id)
+        elif result == PassdbResult.SCHEME_NOT_AVAILABLE:
+            self.proto.failed(req.id, b"Configured passdbs don't support credentials lookups")
+        else:
+            self.proto.failed(req.id)
+
+    # --- LIST -----------------------------------------------------------------------
+
+    async def _list(self, event: ListUsers) -> None:
+        if self.restricted_uid is not None:
+            log.error("userdb.restricted", message="Auth client doesn't have permissions to list users")
+            self.proto.list_done(event.request_id, failed=True)
+            return
+        results = await self.server.userdbs.iterate()
+        if not results:
+            log.error("userdb.iterate", message="Trying to iterate users, but userdbs don't support it")
+            self.proto.list_done(event.request_id, failed=True)
+            return
+        failed = False
+        for result in results:
+            failed = failed or result.failed
+            for user in result.users:
+                self.proto.list_user(event.request_id, user)
+            await self.flush()
+        self.proto.list_done(event.request_id, failed=failed)
+
+    # --- REQUEST ----------------------------------------------------------------------
+
+    async def _login_request(self, event: LoginRequest) -> None:
+        """master_input_request + auth_request_handler_master_request."""
+        client = self.server.login_clients.get(event.client_pid)
+        if client is None:
+            log.error(
+                "master.request", message=f"Master requested auth for nonexistent client {event.client_pid}"
+            )
+            self.proto.failed(event.request_id)
+            return
+        if not hmac.compare_digest(client.proto.cookie, event.cookie):
+            log.error(
+                "master.request",
+                message=f"Master requested auth for client {event.client_pid} with invalid cookie",
+            )
+            self.proto.failed(event.request_id)
+            return
+        taken = client.take_request(event.client_request_id)
+        if taken is None:
+            log.error(
+                "master.request",
+                message=f"Master request {event.client_pid}.{event.client_request_id} not found",
+            )
+            self.proto.failed(event.request_id)
+            return
+        req: AuthRequest | None = taken.keep if isinstance(taken.keep, AuthRequest) else None
+        session_pid = event.params.get(b"session_pid")
+        if req is not None:
+            if session_pid is not None and session_pid.isdigit():
+                req.session_pid = int(session_pid)
+            if event.params.has(b"request_auth_token"):
+                req.request_auth_token = True
+        peer_pid = self.creds[0] if self.creds else None
+        if req is not None and req.session_pid is not None and peer_pid and req.session_pid != peer_pid:
+            log.error(
+                "master.request",
+                message=f"Session pid {req.session_pid} provided by master for request "
+                f"{event.client_pid}.{event.client_request_id} did not match peer credentials "
+                f"(pid={peer_pid})",
+            )
+            self.proto.failed(event.request_id)
+            return
+        if req is None or not taken.finished:
+            log.error(
+                "master.request",
+                message="Master requested unfinished authentication request "
+                f"{event.client_pid}.{event.client_request_id}",
+            )
+            self.proto.failed(event.request_id)
+            return
+        req.id = event.request_id
+        result = await self.server.userdbs.lookup(req)
+        if req.userdb_lookup_tempfailed:
+            result = UserdbResult.INTERNAL_FAILURE
+        if result == UserdbResult.OK:
+            self.proto.user_found(req.id, req.user or b"", self._request_reply_fields(req))
+        elif result == UserdbResult.USER_UNKNOWN:
+            self.proto.not_found(req.id)
+        else:
+            reply = req.userdb_reply
+            reason = reply.find(b"reason") if req.userdb_lookup_tempfailed and reply is not None else None
+            self.proto.failed(req.id, reason)
+
+    def _request_reply_fields(self, req: AuthRequest) -> list[Field]:
+        """auth_str_append_userdb_extra_fields: userdb fields, then what Dovecot adds."""
+        reply = req.userdb_reply
+        fields = [f for f in (reply or []) if not f.hidden]
+        # Dovecot writes a TAB before the userdb fields even when there are none.
+        added: list[Field] = [] if fields else [Field(b"")]
+        if req.master_user is not None and (reply is None or b"master_user" not in reply):
+            added.append(Field(b"master_user", req.master_user))
+        added.append(Field(b"auth_mech", req.mech or b""))
+        anonymous = self.server.rules.anonymous_username.encode()
+        if anonymous and req.user == anonymous:
+            added.append(Field(b"anonymous"))
+        if req.request_auth_token and req.session_pid is not None:
+            added.append(Field(b"auth_token", self.server.auth_token(req)))
+        if req.master_user is not None:
+            added.append(Field(b"auth_user", req.master_user))
+        elif req.original_user is not None and req.original_user != req.user:
+            added.append(Field(b"auth_user", req.original_user))
+        return fields + added
+
+
+def auth_token(secret: bytes, service: bytes, session_pid: int, user: bytes, session: bytes | None) -> bytes:
+    """auth_token_get: HMAC-SHA1 keyed with the user name, for imap-urlauth."""
+    mac = hmac.new(user, b"%d" % session_pid, hashlib.sha1)
+    if session:
+        mac.update(session)
+    mac.update(service)
+    mac.update(secret)
+    return mac.hexdigest().encode()

@@ -1,0 +1,267 @@
+"""Load and validate the TOML configuration.
+
+Every error names the file, the key (as a dotted path, with list indexes) and what
+was expected, because the person reading it is an admin at a terminal. Unknown
+keys are errors too: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from config.schema import (
+    DIALECTS,
+    HANDSHAKES,
+    LISTENER_TYPES,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LUA_VERSIONS,
+    MECHANISMS,
+    AuthSettings,
+    Config,
+    ListenerSettings,
+    LogSettings,
+    LuaSettings,
+    PassdbSettings,
+    UserdbSettings,
+)
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says where and why."""
+
+
+class _Table:
+    """A TOML table being read, remembering its path for error messages."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, source: str) -> None:
+        self.data = data
+        self.where = where
+        self.source = source
+        self.used: set[str] = set()
+
+    def error(self, key: str, message: str) -> ConfigError:
+        path = f"{self.where}.{key}" if self.where else key
+        return ConfigError(f"{self.source}: {path}: {message}")
+
+    def _get(self, key: str, kind: type | tuple[type, ...], expected: str, default: T) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) and kind is not bool:
+            raise self.error(key, f"expected {expected}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.error(key, f"expected {expected}, got {_describe(value)}")
+        return value
+
+    def string(self, key: str, default: T) -> str | T:
+        return self._get(key, str, "a string", default)  # type: ignore[no-any-return]
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return self._get(key, bool, "true or false", default)  # type: ignore[no-any-return]
+
+    def integer(self, key: str, default: T, minimum: int | None = None) -> int | T:
+        value = self._get(key, int, "an integer", default)
+        if minimum is not None and isinstance(value, int) and value < minimum:
+            raise self.error(key, f"expected an integer >= {minimum}, got {value}")
+        return value  # type: ignore[no-any-return]
+
+    def number(self, key: str, default: float, minimum: float | None = None) -> float:
+        value = float(self._get(key, (int, float), "a number", default))
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"expected a number >= {minimum}, got {value}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self._get(key, str, "a string", default)
+        if value not in choices:
+            raise self.error(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key, list, "a list of strings", default)
+        if not all(isinstance(item, str) for item in value):
+            raise self.error(key, "expected a list of strings")
+        return tuple(value)
+
+    def path(self, key: str) -> Path | None:
+        value = self.string(key, None)
+        return None if value is None else Path(value)
+
+    def table(self, key: str) -> _Table:
+        value = self._get(key, dict, "a table", {})
+        return _Table(value, f"{self.where}.{key}" if self.where else key, self.source)
+
+    def tables(self, key: str) -> list[_Table]:
+        value = self._get(key, list, f"an array of tables ([[{key}]])", [])
+        out = []
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.error(f"{key}[{index}]", f"expected a table, got {_describe(item)}")
+            out.append(_Table(item, f"{key}[{index}]", self.source))
+        return out
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown setting")
+
+
+def _describe(value: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+    return names.get(type(value), type(value).__name__) + f" ({value!r})"
+
+
+def _auth(t: _Table) -> AuthSettings:
+    defaults = AuthSettings()
+    mechanisms = tuple(m.lower() for m in t.strings("mechanisms", defaults.mechanisms))
+    for mechanism in mechanisms:
+        if mechanism not in MECHANISMS:
+            raise t.error("mechanisms", f"unknown mechanism {mechanism!r} (known: {', '.join(MECHANISMS)})")
+    if not mechanisms:
+        raise t.error("mechanisms", "at least one mechanism is needed")
+    settings = AuthSettings(
+        mechanisms=mechanisms,
+        failure_delay=t.number("failure_delay", defaults.failure_delay, minimum=0),
+        username_format=t.string("username_format", defaults.username_format),
+        username_chars=t.string("username_chars", defaults.username_chars),
+        username_translation=t.string("username_translation", defaults.username_translation),
+        default_realm=t.string("default_realm", defaults.default_realm),
+        anonymous_username=t.string("anonymous_username", defaults.anonymous_username),
+        debug=t.boolean("debug", defaults.debug),
+    )
+    if len(settings.username_translation) % 2:
+        raise t.error("username_translation", "expected pairs of characters (from, to)")
+    t.finish()
+    return settings
+
+
+def _listener(t: _Table) -> ListenerSettings:
+    kind = t.choice("type", LISTENER_TYPES, "") if "type" in t.data else None
+    if kind is None:
+        raise t.error("type", f"missing; expected one of {', '.join(LISTENER_TYPES)}")
+    path = t.path("path")
+    address = t.string("address", None)
+    port = t.integer("port", None, minimum=0)
+    if path is None and (address is None or port is None):
+        raise t.error("path", "a listener needs either path, or address and port")
+    if path is not None and (address is not None or port is not None):
+        raise t.error("path", "give either path or address/port, not both")
+    mode = t.integer("mode", 0o666, minimum=0)
+    if mode > 0o7777:
+        raise t.error("mode", f"expected a file mode such as 0o660, got {mode:#o}")
+    settings = ListenerSettings(
+        type=kind,
+        path=path,
+        mode=mode,
+        user=t.string("user", None),
+        group=t.string("group", None),
+        address=address,
+        port=port,
+        handshake=t.choice("handshake", HANDSHAKES, "2.3"),
+    )
+    t.finish()
+    return settings
+
+
+def _script_db(t: _Table, kind: str) -> dict[str, Any]:
+    driver = t.string("driver", None)
+    if driver is None:
+        raise t.error("driver", f'missing; expected "lua"{" or prefetch" if kind == "userdb" else ""}')
+    drivers = ("lua", "prefetch") if kind == "userdb" else ("lua",)
+    if driver not in drivers:
+        raise t.error("driver", f"unknown driver {driver!r} (known: {', '.join(drivers)})")
+    fields: dict[str, Any] = {
+        "driver": driver,
+        "file": t.path("file"),
+        "blocking": t.boolean("blocking", True),
+        "dialect": t.choice("dialect", DIALECTS, "2.3"),
+        "name": t.string("name", ""),
+    }
+    if driver == "lua" and fields["file"] is None:
+        raise t.error("file", f'a lua {kind} needs file = "/path/to/script.lua"')
+    return fields
+
+
+def _passdb(t: _Table) -> PassdbSettings:
+    fields = _script_db(t, "passdb")
+    settings = PassdbSettings(scheme=t.string("scheme", "PLAIN").upper(), **fields)
+    t.finish()
+    return settings
+
+
+def _userdb(t: _Table) -> UserdbSettings:
+    settings = UserdbSettings(**_script_db(t, "userdb"))
+    t.finish()
+    return settings
+
+
+def _lua(t: _Table) -> LuaSettings:
+    settings = LuaSettings(
+        version=t.choice("version", LUA_VERSIONS, "5.4"),
+        workers=t.integer("workers", 30, minimum=1),
+        package_path=t.string("package_path", None),
+        package_cpath=t.string("package_cpath", None),
+        import_environment=t.strings("import_environment", ()),
+    )
+    t.finish()
+    return settings
+
+
+def _log(t: _Table) -> LogSettings:
+    settings = LogSettings(
+        format=t.choice("format", LOG_FORMATS, "console"), level=t.choice("level", LOG_LEVELS, "info")
+    )
+    t.finish()
+    return settings
+
+
+def _relative(base: Path | None, path: Path | None) -> Path | None:
+    if path is None or base is None or path.is_absolute():
+        return path
+    return base.parent / path
+
+
+def parse_config(
+    data: Mapping[str, Any], source: Path | None = None, *, require_listeners: bool = True
+) -> Config:
+    """Validate already-parsed TOML data; relative paths are taken from the file's directory."""
+    root = _Table(data, "", str(source) if source else "<config>")
+    section: Callable[[str], _Table] = root.table
+    config = Config(
+        source=source,
+        auth=_auth(section("auth")),
+        listeners=tuple(_listener(t) for t in root.tables("listener")),
+        passdbs=tuple(_passdb(t) for t in root.tables("passdb")),
+        userdbs=tuple(_userdb(t) for t in root.tables("userdb")),
+        lua=_lua(section("lua")),
+        log=_log(section("log")),
+    )
+    root.finish()
+    if require_listeners and not config.listeners:
+        raise ConfigError(f"{root.source}: listener: at least one [[listener]] is needed")
+    return replace(
+        config,
+        listeners=tuple(replace(x, path=_relative(source, x.path)) for x in config.listeners),
+        passdbs=tuple(replace(x, file=_relative(source, x.file)) for x in config.passdbs),
+        userdbs=tuple(replace(x, file=_relative(source, x.file)) for x in config.userdbs),
+    )
+
+
+def load_config(path: Path, *, require_listeners: bool = True) -> Config:
+    """Read and validate a configuration file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, path, require_listeners=require_listeners)

@@ -1,0 +1,319 @@
+-- dovecot.http as Dovecot 2.3.19 defines it (lib-lua/dlua-dovecot-http.c): clients,
+-- requests and responses are plain tables with raw method fields and an `item`,
+-- and every check raises Dovecot's error text. submit() hands the request to authd
+-- (lua_api/http.py) through the prelude's I/O hook and builds the response from
+-- what comes back. Loaded once per state, after the prelude.
+local yield_io, io_kind, url_problems = ...
+
+local type, select, tostring, error, rawget, setmetatable, ipairs =
+  type, select, tostring, error, rawget, setmetatable, ipairs
+local table_remove = table.remove
+local format, find, sub, lower = string.format, string.find, string.sub, string.lower
+local floor = math.floor
+local tointeger = math.tointeger or function(x) return x end
+local getinfo, getmetatable_raw = debug.getinfo, debug.getmetatable
+
+local CLIENT = "struct http_client"
+local REQUEST = "struct http_client_request"
+local RESPONSE = "struct dlua_http_response"
+
+-- What Dovecot keeps behind each object's item userdata, keyed by the item.
+local objects = setmetatable({}, {__mode = "k"})
+
+-- DLUA_REQUIRE_ARGS; Dovecot's own errors carry no position.
+local function require_args(got, expected)
+  if got ~= expected then
+    error(format("expected %d arguments, got %d", expected, got), 0)
+  end
+end
+
+-- dlua_check_http_*(): the object behind self's item.
+local function check_object(self, kind)
+  local object = type(self) == "table" and objects[rawget(self, "item")]
+  if not object or object.kind ~= kind then
+    error(format("Bad argument #1, expected %s got %s", kind, type(self)), 0)
+  end
+  return object
+end
+
+-- The type name luaL_typeerror shows.
+local function type_name(value)
+  local mt = getmetatable_raw(value)
+  local name = mt and rawget(mt, "__name")
+  if type(name) == "string" then return name end
+  return type(value)
+end
+
+-- luaL_argerror for the API function that called the checker that calls this
+-- (level 3), reported at its caller's line (level 4): method calls do not count self.
+local function bad_argument(argn, message)
+  local info = getinfo(3, "n")
+  if info and info.namewhat == "method" then argn = argn - 1 end
+  error(format("bad argument #%d to '%s' (%s)", argn, info and info.name or "?", message), 4)
+end
+
+-- C strings end at the first NUL.
+local function c_string(s)
+  local nul = find(s, "\0", 1, true)
+  return nul and sub(s, 1, nul - 1) or s
+end
+
+-- luaL_checkstring, then used as a C string.
+local function check_string(value, argn)
+  local t = type(value)
+  if t == "number" then return tostring(value) end
+  if t ~= "string" then bad_argument(argn, "string expected, got " .. type_name(value)) end
+  return c_string(value)
+end
+
+-- luaL_checktype(L, argn, LUA_TTABLE)
+local function check_table(value, argn)
+  if type(value) ~= "table" then bad_argument(argn, "table expected, got " .. type_name(value)) end
+end
+
+---------------------------------------------------------------------------
+-- Responses
+
+local function response_status(...)
+  require_args(select("#", ...), 1)
+  return check_object((...), RESPONSE).status
+end
+
+local function response_reason(...)
+  require_args(select("#", ...), 1)
+  return check_object((...), RESPONSE).reason
+end
+
+local function response_payload(...)
+  require_args(select("#", ...), 1)
+  return check_object((...), RESPONSE).payload
+end
+
+local function response_header(...)
+  require_args(select("#", ...), 2)
+  local self, name = ...
+  local response = check_object(self, RESPONSE)
+  name = lower(check_string(name, 2))
+  for _, field in ipairs(response.headers) do
+    if lower(field[1]) == name then return field[2] end
+  end
+  return ""
+end
+
+local function new_response(result)
+  local item = {}
+  objects[item] = {
+    kind = RESPONSE,
+    status = result.status,
+    reason = result.reason,
+    payload = result.payload,
+    headers = result.headers,
+  }
+  return {
+    item = item,
+    status = response_status,
+    reason = response_reason,
+    payload = response_payload,
+    header = response_header,
+  }
+end
+
+---------------------------------------------------------------------------
+-- Requests
+
+-- Methods and header names authd can send (HTTP tokens). Dovecot sends anything, but
+-- aborts the process (an assertion) on CR, LF or ':' in a name and on CR or LF in a
+-- value, on a Proxy-Authorization header, and on changes after submit(); authd raises
+-- an error at the script's line for all of these.
+local TOKEN = "^[%w!#$%%&'*+%-.^_`|~]+$"
+
+local function check_open(request)
+  if request.submitted then
+    error("authd: this request was already submitted (Dovecot would crash here)", 3)
+  end
+end
+
+local function find_header(headers, name)
+  name = lower(name)
+  for index, field in ipairs(headers) do
+    if lower(field[1]) == name then return index end
+  end
+end
+
+local function request_add_header(...)
+  require_args(select("#", ...), 3)
+  local self, name, value = ...
+  local request = check_object(self, REQUEST)
+  name, value = check_string(name, 2), check_string(value, 3)
+  check_open(request)
+  if not find(name, TOKEN) or lower(name) == "proxy-authorization" then
+    error(format("authd: cannot send the HTTP header name '%s'", name), 2)
+  end
+  if find(value, "[\1-\8\10-\31\127]") then
+    error(format("authd: cannot send a control character in HTTP header %s", name), 2)
+  end
+  request.ever_set[#request.ever_set + 1] = lower(name)
+  local index = find_header(request.headers, name)
+  if index then
+    request.headers[index][2] = value
+  else
+    request.headers[#request.headers + 1] = {name, value}
+  end
+end
+
+local function request_remove_header(...)
+  require_args(select("#", ...), 2)
+  local self, name = ...
+  local request = check_object(self, REQUEST)
+  name = check_string(name, 2)
+  check_open(request)
+  local index = find_header(request.headers, name)
+  if index then table_remove(request.headers, index) end
+end
+
+local function request_set_payload(...)
+  require_args(select("#", ...), 2)
+  local self, payload = ...
+  local request = check_object(self, REQUEST)
+  payload = check_string(payload, 2)  -- 2.3 copies up to the first NUL
+  check_open(request)
+  if request.payload ~= nil then
+    error("authd: the payload of this request was already set (Dovecot would crash here)", 2)
+  end
+  request.payload = payload
+end
+
+local function request_submit(...)
+  require_args(select("#", ...), 1)
+  local request = check_object((...), REQUEST)
+  check_open(request)
+  request.submitted = true
+  return new_response(yield_io(io_kind, {
+    settings = request.settings,
+    method = request.method,
+    url = request.url,
+    headers = request.headers,
+    headers_ever_set = request.ever_set,
+    payload = request.payload,
+  }))
+end
+
+local function client_request(...)
+  require_args(select("#", ...), 2)
+  local self, spec = ...
+  local client = check_object(self, CLIENT)
+  check_table(spec, 2)
+  local url = spec.url
+  if url == nil then
+    error("cannot create request: url not specified", 0)
+  end
+  url = check_string(url, -1)
+  local method = spec.method
+  if method == nil then
+    method = "GET"
+  else
+    method = check_string(method, -1)
+  end
+  local problem, crash = url_problems(url)
+  if problem then
+    error(format("Failed to parse url %s: %s", url, problem), 0)
+  elseif crash then
+    error(format("authd: %s (Dovecot would crash on submit)", crash), 2)
+  end
+  if not find(method, TOKEN) then
+    error(format("authd: cannot send the HTTP method '%s'", method), 2)
+  end
+  local item = {}
+  objects[item] = {
+    kind = REQUEST,
+    settings = client.settings,
+    url = url,
+    method = method,
+    headers = {},
+    ever_set = {},
+  }
+  return {
+    item = item,
+    add_header = request_add_header,
+    remove_header = request_remove_header,
+    set_payload = request_set_payload,
+    submit = request_submit,
+  }
+end
+
+---------------------------------------------------------------------------
+-- Clients: parse_client_settings() reads these in this order.
+
+local client_options = {
+  {"user_agent", "string"},
+  {"rawlog_dir", "string"},
+  {"max_idle_time_msecs", "uint"},
+  {"no_auto_redirect", "boolean"},
+  {"no_auto_retry", "boolean"},
+  {"max_redirects", "uint"},
+  {"max_attempts", "uint"},
+  {"max_connect_attempts", "uint"},
+  {"connect_backoff_time_msecs", "uint"},
+  {"connect_backoff_max_time_msecs", "uint"},
+  {"request_absolute_timeout_msecs", "uint"},
+  {"request_timeout_msecs", "uint"},
+  {"connect_timeout_msecs", "uint"},
+  {"soft_connect_timeout_msecs", "uint"},
+  {"max_auto_retry_delay_secs", "uint"},
+  {"debug", "boolean"},
+}
+
+local expected_text = {
+  string = "string expected",
+  uint = "non-negative number expected",
+  boolean = "boolean expected",
+}
+
+-- dlua_table_get_*_by_str: a number that is an integer in 0..UINT_MAX, a real
+-- boolean, a real string (used as a C string); nil means unset.
+local function option_value(value, kind)
+  if kind == "uint" then
+    if type(value) == "number" and value == floor(value) and value >= 0 and value <= 4294967295 then
+      return tointeger(value)
+    end
+  elseif type(value) == kind then
+    return kind == "string" and c_string(value) or value
+  end
+end
+
+local function setting_error(text)
+  error("Invalid HTTP client setting: " .. text, 0)
+end
+
+local function http_client(...)
+  require_args(select("#", ...), 1)
+  local options = ...
+  check_table(options, 1)
+  local settings = {}
+  for _, option in ipairs(client_options) do
+    local name, kind = option[1], option[2]
+    local value = options[name]
+    if value ~= nil then
+      value = option_value(value, kind)
+      if value == nil then setting_error(name .. ": " .. expected_text[kind]) end
+      settings[name] = value
+    end
+  end
+  local proxy_url = options.proxy_url
+  if type(proxy_url) == "string" then  -- other types are ignored
+    proxy_url = c_string(proxy_url)
+    local problem, crash = url_problems(proxy_url)
+    if problem then setting_error("proxy_url is invalid: " .. problem) end
+    if crash then error(format("authd: proxy_url: %s (Dovecot would crash)", crash), 2) end
+    settings.proxy_url = proxy_url
+  end
+  local parent = options.event_parent
+  if parent ~= nil and type(parent) ~= "table" then
+    error("Bad argument #-1, expected struct event got " .. type(parent), 0)
+  end
+  local item = {}
+  objects[item] = {kind = CLIENT, settings = settings}
+  return {item = item, request = client_request}
+end
+
+dovecot.http = {client = http_client}

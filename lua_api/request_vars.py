@@ -1,0 +1,167 @@
+"""An auth request's variables as Dovecot 2.3 exposes them to %-templates and Lua scripts.
+
+Dovecot builds one table (``auth_request_get_var_expand_table`` in
+src/auth/auth-request-var-expand.c) that serves both ``var_expand`` templates and
+the ``req.<field>`` lookups of Lua scripts; this module rebuilds that table, in
+Dovecot's order and with Dovecot's derivation rules, from plain request data.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Secured(enum.Enum):
+    """How the client connection is protected (Dovecot's ``auth_request_secured``)."""
+
+    NONE = enum.auto()
+    SECURED = enum.auto()
+    TLS = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestVars:
+    """The raw request data the variable table is derived from.
+
+    Text fields are bytes exactly as received (they need not be UTF-8); None means
+    "not set", which matters because several variables are nil (not "") when unset.
+    IP addresses are the text form Dovecot prints (``net_ip2addr``).
+    """
+
+    user: bytes | None = None
+    original_user: bytes | None = None
+    """Username as first given, before username_format and passdb renames."""
+    login_user: bytes | None = None
+    """The master-user login target the client asked for (``requested_login_user``)."""
+    master_user: bytes | None = None
+    service: bytes | None = None
+    mechanism: bytes | None = None
+    mech_password: bytes | None = None
+    """Cleartext password the mechanism received (PLAIN/LOGIN), else None."""
+    local_ip: bytes | None = None
+    remote_ip: bytes | None = None
+    local_port: int = 0
+    remote_port: int = 0
+    real_local_ip: bytes | None = None
+    real_remote_ip: bytes | None = None
+    real_local_port: int = 0
+    real_remote_port: int = 0
+    local_name: bytes | None = None
+    session_id: bytes | None = None
+    session_pid: int | None = None
+    client_pid: int = 0
+    client_id: bytes | None = None
+    secured: Secured = Secured.NONE
+    valid_client_cert: bool = False
+    db_id: int | None = None
+    """Id of the passdb (or, during a userdb lookup, userdb) being run; None outside one."""
+
+
+class VarEntry(NamedTuple):
+    """One row of a var_expand table: ``%<short>`` / ``%{<long>}`` → value (None reads as "")."""
+
+    short: str | None
+    long: str | None
+    value: bytes | None
+
+
+_SECURED_TEXT = {Secured.NONE: b"", Secured.SECURED: b"secured", Secured.TLS: b"TLS"}
+
+
+def _before_at(name: bytes) -> bytes:
+    return name.split(b"@", 1)[0]
+
+
+def _after_at(name: bytes) -> bytes | None:
+    _, at, rest = name.partition(b"@")
+    return rest if at else None
+
+
+def _num(value: int) -> bytes:
+    return str(value).encode()
+
+
+def var_table_23(v: RequestVars) -> tuple[VarEntry, ...]:
+    """Return Dovecot 2.3's 47-entry auth variable table for *v*, in Dovecot's order.
+
+    The order matters: lookups take the first entry whose key matches, and Lua field
+    access walks the same table.
+    """
+    user = v.user if v.user is not None else b""
+    domain = _after_at(user)
+    domain_first = _before_at(domain) if domain is not None else None
+    domain_last = user.rpartition(b"@")[2] if b"@" in user else None
+    orig_user = v.original_user if v.original_user is not None else user
+    auth_user = v.master_user if v.master_user is not None else orig_user
+    login_user = v.login_user
+    mech = v.mechanism if v.mechanism is not None else b""
+    local_port = _num(v.local_port)
+    remote_port = _num(v.remote_port)
+    real_local_port = _num(v.real_local_port)
+    real_remote_port = _num(v.real_remote_port)
+    orig_username = _before_at(orig_user)
+    orig_domain = _after_at(orig_user)
+    return (
+        VarEntry("u", "user", user),
+        VarEntry("n", "username", _before_at(user)),
+        VarEntry("d", "domain", domain),
+        VarEntry("s", "service", v.service),
+        VarEntry("h", "home", None),
+        VarEntry("l", "lip", v.local_ip),
+        VarEntry("r", "rip", v.remote_ip),
+        VarEntry("p", "pid", _num(v.client_pid)),
+        VarEntry("w", "password", v.mech_password),
+        VarEntry("!", None, _num(v.db_id) if v.db_id is not None else b""),
+        VarEntry("m", "mech", mech),
+        VarEntry("c", "secured", _SECURED_TEXT[v.secured]),
+        VarEntry("a", "lport", local_port),
+        VarEntry("b", "rport", remote_port),
+        VarEntry("k", "cert", b"valid" if v.valid_client_cert else b""),
+        VarEntry(None, "login_user", login_user),
+        VarEntry(None, "login_username", _before_at(login_user) if login_user is not None else None),
+        VarEntry(None, "login_domain", _after_at(login_user) if login_user is not None else None),
+        VarEntry(None, "session", v.session_id),
+        VarEntry(None, "real_lip", v.real_local_ip),
+        VarEntry(None, "real_rip", v.real_remote_ip),
+        VarEntry(None, "real_lport", real_local_port),
+        VarEntry(None, "real_rport", real_remote_port),
+        VarEntry(None, "domain_first", domain_first),
+        VarEntry(None, "domain_last", domain_last),
+        VarEntry(None, "master_user", v.master_user),
+        VarEntry(None, "session_pid", _num(v.session_pid) if v.session_pid is not None else None),
+        VarEntry(None, "orig_user", orig_user),
+        VarEntry(None, "orig_username", orig_username),
+        VarEntry(None, "orig_domain", orig_domain),
+        VarEntry(None, "auth_user", auth_user),
+        VarEntry(None, "auth_username", _before_at(auth_user)),
+        VarEntry(None, "auth_domain", _after_at(auth_user)),
+        VarEntry(None, "local_name", v.local_name),
+        VarEntry(None, "client_id", v.client_id),
+        VarEntry(None, "local_ip", v.local_ip),
+        VarEntry(None, "remote_ip", v.remote_ip),
+        VarEntry(None, "local_port", local_port),
+        VarEntry(None, "remote_port", remote_port),
+        VarEntry(None, "real_local_ip", v.real_local_ip),
+        VarEntry(None, "real_remote_ip", v.real_remote_ip),
+        VarEntry(None, "real_local_port", real_local_port),
+        VarEntry(None, "real_remote_port", real_remote_port),
+        VarEntry(None, "mechanism", mech),
+        VarEntry(None, "original_user", orig_user),
+        VarEntry(None, "original_username", orig_username),
+        VarEntry(None, "original_domain", orig_domain),
+    )
+
+
+def lua_fields_23(v: RequestVars) -> dict[bytes, bytes | None]:
+    """Map every ``req.<name>`` variable of a 2.3 Lua request to its value (None = nil).
+
+    Dovecot's ``__index`` walks the table and answers with the first entry whose long
+    key equals the name, so entries without a long key (``%!``) are not readable.
+    """
+    fields: dict[bytes, bytes | None] = {}
+    for entry in var_table_23(v):
+        if entry.long is not None:
+            fields.setdefault(entry.long.encode(), entry.value)
+    return fields

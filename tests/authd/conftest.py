@@ -1,0 +1,45 @@
+"""Fixtures that run a real authd process for daemon-level tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.authd_process import LISTENERS, AuthdProcess
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+REFERENCE_CONFIG = (
+    """
+[auth]
+mechanisms = ["plain", "login"]
+failure_delay = 0
+
+[[passdb]]
+driver = "lua"
+file = "reference_users.lua"
+
+[[userdb]]
+driver = "lua"
+file = "reference_users.lua"
+
+[lua]
+workers = 4
+"""
+    + LISTENERS
+)
+
+
+@pytest.fixture(scope="module")
+def reference_authd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthdProcess]:
+    """authd serving the protocol.md §6 reference users on all four socket types."""
+    workdir = tmp_path_factory.mktemp("authd")
+    script = (FIXTURES / "reference_users.lua").read_text()
+    proc = AuthdProcess(workdir, REFERENCE_CONFIG, {"reference_users.lua": script})
+    proc.start(wait_for=("auth-client", "auth-login", "auth-master", "auth-userdb"))
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -1,0 +1,385 @@
+"""Throwaway Dovecot 2.3 instances for interop tests, and wrappers around Dovecot's own tools.
+
+`ReferenceDovecot` is a Dovecot whose *own* auth process serves the auth sockets: the stand-in
+for authd in differential tests, configured from Python (passdb/userdb blocks as config text):
+
+    workdir = make_workdir("ref")
+    ref = ReferenceDovecot(workdir, databases=db_block("passdb", "passwd-file", f"{workdir}/users")
+                           + db_block("userdb", "passwd-file", f"{workdir}/users"))
+    with ref:                                   # start() ... stop()
+        doveadm(None, "auth", "test", "-a", str(ref.socket("auth-client")), "alice", "alicepass")
+
+`DovecotImap` is a Dovecot IMAP + LMTP server whose logins and userdb lookups go to an auth server
+elsewhere, either by pointing its clients at external sockets (route A, protocol.md §4.A):
+
+    imap = DovecotImap(make_workdir("imap"), ExternalSockets.in_dir(ref.base_dir))
+
+or by letting Dovecot start a foreign program as its auth service on the usual listeners
+(route B, §4.B; the program gets the listening sockets as fds 7.. and SOCKET_COUNT/SOCKETn_SETTINGS):
+
+    imap = DovecotImap(make_workdir("imap"), AuthCommand("/usr/local/bin/authd --inherit-fds"))
+
+Both listen on 127.0.0.1 (`imap_port`, `lmtp_port`), store mail in maildirs under `home_root`
+and run mail processes as nobody/nogroup unless the userdb says otherwise. Use `imap_connect()`
+for IMAP (it can pick the client's source address: Dovecot's auth penalty is per client IP),
+`smtplib.LMTP("127.0.0.1", imap.lmtp_port)` for LMTP, `dovecot_lda(imap.conf_path, ...)` for LDA.
+
+`doveadm(conf, ...)` runs the real doveadm against any socket without a running Dovecot
+(`conf=None` means `-c /dev/null`): `auth test -a SOCK user pass`, `auth login -a LOGIN -m MASTER
+user pass`, `auth lookup -a SOCK user`, `user -a SOCK user`, `auth cache flush -a MASTER`, each
+taking `-x key=value` for request fields. Exit codes: 0 ok, 77 auth failed, 67 user unknown,
+75 temporary failure (e.g. cannot connect).
+
+Every instance is stopped by PID (`stop()`, also on `__exit__`); see procs.stop_session.
+"""
+
+from __future__ import annotations
+
+import grp
+import imaplib
+import os
+import pwd
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+from .procs import free_port, greets, stop_session
+from .wire import Wire, WireError
+
+DOVECOT = "/usr/sbin/dovecot"
+DOVEADM = "/usr/bin/doveadm"
+DOVECOT_LDA = "/usr/lib/dovecot/dovecot-lda"
+LOGIN_USER = "dovenull"
+INTERNAL_USER = "dovecot"
+MAIL_USER = "nobody"
+MAIL_GROUP = "nogroup"
+
+
+def mail_ids() -> tuple[int, int]:
+    """uid and gid the mail processes run as unless the userdb returns others."""
+    return pwd.getpwnam(MAIL_USER).pw_uid, grp.getgrnam(MAIL_GROUP).gr_gid
+
+
+def db_block(kind: Literal["passdb", "userdb"], driver: str, args: str = "", **settings: str) -> str:
+    """Config text for one passdb/userdb block, e.g. db_block("passdb", "lua", "file=/x.lua blocking=no")."""
+    lines = [f"{kind} {{", f"  driver = {driver}"]
+    if args:
+        lines.append(f"  args = {args}")
+    lines += [f"  {key} = {value}" for key, value in settings.items()]
+    return "\n".join([*lines, "}", ""])
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+class _Dovecot:
+    """Lifecycle shared by both instance kinds: write the config, `dovecot -F`, probe, stop by PID."""
+
+    def __init__(self, workdir: Path, debug: bool, extra_config: str) -> None:
+        for user in (LOGIN_USER, INTERNAL_USER, MAIL_USER):
+            pwd.getpwnam(user)  # KeyError now beats an obscure Dovecot start failure
+        self.workdir = workdir
+        self.debug = debug
+        self.extra_config = extra_config
+        self.base_dir = workdir / "run"
+        self.conf_path = workdir / "dovecot.conf"
+        self.log_path = workdir / "dovecot.log"
+        self._output_path = workdir / "dovecot.out"
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    def _specific_config(self) -> str:
+        raise NotImplementedError
+
+    def _probe(self) -> bool:
+        """One readiness check; True once the instance serves what tests need."""
+        raise NotImplementedError
+
+    def config_text(self) -> str:
+        return (
+            f"base_dir = {self.base_dir}\n"
+            f"state_dir = {self.workdir / 'state'}\n"
+            f"instance_name = authd-{self.workdir.name}\n"
+            f"log_path = {self.log_path}\n"
+            "ssl = no\n"
+            f"default_login_user = {LOGIN_USER}\n"
+            f"default_internal_user = {INTERNAL_USER}\n"
+            f"default_internal_group = {INTERNAL_USER}\n"
+            f"auth_debug = {_yes(self.debug)}\n"
+            f"auth_verbose = {_yes(self.debug)}\n"
+            f"{self._specific_config()}"
+            f"{self.extra_config}\n"
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The master's PID while running."""
+        return None if self._popen is None else self._popen.pid
+
+    def socket(self, name: str) -> Path:
+        """Path of a listener in base_dir, e.g. socket("auth-client")."""
+        return self.base_dir / name
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _failure(self, problem: str) -> RuntimeError:
+        output = self._output_path.read_text(errors="replace") if self._output_path.exists() else ""
+        return RuntimeError(
+            f"{problem}\n--- dovecot output ---\n{output}\n--- {self.log_path} ---\n{self.log_text()}"
+        )
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start `dovecot -F` in its own session and wait until `_probe` succeeds."""
+        if self._popen is not None:
+            raise RuntimeError("already started")
+        self.conf_path.write_text(self.config_text())
+        self.conf_path.chmod(0o644)
+        with self._output_path.open("wb") as output:
+            self._popen = subprocess.Popen(
+                [DOVECOT, "-F", "-c", str(self.conf_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._popen.poll() is not None:
+                code = self._popen.returncode
+                self._popen = None
+                raise self._failure(f"dovecot exited with {code} during startup")
+            if "Fatal:" in self.log_text():
+                self.stop()
+                raise self._failure("dovecot logged a fatal error during startup")
+            if self._probe():
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise self._failure(f"dovecot not ready after {timeout} s")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the master (SIGKILL after TIMEOUT), then make sure its whole session is gone."""
+        if self._popen is None:
+            return
+        popen, self._popen = self._popen, None
+        stop_session(popen.pid, popen, timeout)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class ReferenceDovecot(_Dovecot):
+    """Dovecot's own auth process on auth-client, auth-login, auth-master, auth-userdb (all 0666).
+
+    DATABASES is the passdb/userdb config text (see db_block). FAILURE_DELAY is
+    auth_failure_delay in seconds; 0 still leaves up to 0.5 s because Dovecot releases delayed
+    failures from a 500 ms timer; pass 2 for Dovecot's real default. The per-IP auth penalty
+    cannot be switched off: after a failure, the next request with the same `rip` waits 4-15 s
+    (all requests without `rip` share one bucket; only the `no-penalty` field exempts a request).
+
+    start() waits for a full auth-client greeting (that also starts the auth process), so the
+    first connection a test makes sees CUID 2, not 1.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        databases: str,
+        *,
+        mechanisms: str = "plain login",
+        failure_delay: int = 0,
+        debug: bool = False,
+        extra_config: str = "",
+    ) -> None:
+        super().__init__(workdir, debug, extra_config)
+        self.databases = databases
+        self.mechanisms = mechanisms
+        self.failure_delay = failure_delay
+
+    def _specific_config(self) -> str:
+        listeners = "".join(
+            f"  unix_listener {name} {{\n    mode = 0666\n  }}\n"
+            for name in ("auth-client", "auth-login", "auth-master", "auth-userdb")
+        )
+        return (
+            "protocols =\n"
+            f"auth_mechanisms = {self.mechanisms}\n"
+            f"auth_failure_delay = {self.failure_delay} secs\n"
+            f"{self.databases}\n"
+            f"service auth {{\n{listeners}}}\n"
+        )
+
+    def _probe(self) -> bool:
+        # The auth process starts on the first connection; a full greeting proves it initialised
+        # its passdbs/userdbs (a broken Lua script shows up here as a Fatal in the log).
+        try:
+            Wire.auth_client(self.socket("auth-client"), timeout=2.0).close()
+        except (OSError, WireError):
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class ExternalSockets:
+    """Route A: where an external auth server listens (login-type, master-type, userdb-type)."""
+
+    login: Path
+    master: Path
+    userdb: Path
+
+    @classmethod
+    def in_dir(cls, directory: Path) -> ExternalSockets:
+        """The auth-login / auth-master / auth-userdb sockets of one directory (e.g. a base_dir)."""
+        return cls(directory / "auth-login", directory / "auth-master", directory / "auth-userdb")
+
+
+@dataclass(frozen=True)
+class AuthCommand:
+    """Route B: a command line Dovecot's master runs as its auth service (as root)."""
+
+    command: str
+
+
+class DovecotImap(_Dovecot):
+    """Dovecot IMAP (imap_port) + LMTP (lmtp_port) on 127.0.0.1 with someone else's auth service.
+
+    Route A re-points imap-login (login socket, unchrooted), imap (`-a` master socket) and
+    auth_socket_path (userdb socket: LMTP, LDA, doveadm with this config); pop3/submission are
+    not enabled. Route B keeps Dovecot's listeners in base_dir (socket("auth-client") is made
+    0666 so Postfix can use it) and runs the command in the auth slot. Repeating a `service`
+    block in EXTRA_CONFIG overrides single settings of it.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        auth: ExternalSockets | AuthCommand,
+        *,
+        debug: bool = False,
+        extra_config: str = "",
+    ) -> None:
+        super().__init__(workdir, debug, extra_config)
+        self.auth = auth
+        self.imap_port = free_port()
+        self.lmtp_port = free_port()
+        self.home_root = workdir / "home"
+        self.home_root.mkdir(exist_ok=True)
+        uid, gid = mail_ids()
+        os.chown(self.home_root, uid, gid)
+
+    def _auth_config(self) -> str:
+        if isinstance(self.auth, AuthCommand):
+            # Dovecot keeps creating the usual listeners and hands them to the command. Its
+            # default 256 MB address-space limit (default_vsz_limit) is too small for a Python
+            # process with threads: they fail with "can't start new thread".
+            return (
+                "service auth {\n"
+                f"  executable = {self.auth.command}\n"
+                "  vsz_limit = 0\n"
+                "  unix_listener auth-client {\n    mode = 0666\n  }\n"
+                "}\n"
+                "service auth-worker {\n  executable =\n}\n"
+            )
+        # An empty executable means the service is not created at all; login processes chroot
+        # into base_dir/login by default, which would hide an absolute socket path.
+        return (
+            f"auth_socket_path = {self.auth.userdb}\n"
+            "service auth {\n  executable =\n}\n"
+            "service auth-worker {\n  executable =\n}\n"
+            "service imap-login {\n"
+            "  chroot =\n"
+            f"  executable = imap-login {self.auth.login}\n"
+            "}\n"
+            "service imap {\n"
+            f"  executable = imap -a {self.auth.master}\n"
+            "}\n"
+        )
+
+    def _specific_config(self) -> str:
+        return (
+            "protocols = imap lmtp\n"
+            # Only 127.0.0.1 -> 127.0.0.1 counts as secured; clients on other loopback addresses
+            # (used to dodge the per-IP auth penalty) must still be allowed LOGIN without TLS.
+            "disable_plaintext_auth = no\n"
+            "mail_location = maildir:~/Maildir\n"
+            f"mail_home = {self.home_root}/%Lu\n"
+            f"mail_uid = {MAIL_USER}\n"
+            f"mail_gid = {MAIL_GROUP}\n"
+            f"mail_debug = {_yes(self.debug)}\n"
+            "service imap-login {\n"
+            "  inet_listener imap {\n"
+            "    address = 127.0.0.1\n"
+            f"    port = {self.imap_port}\n"
+            "  }\n"
+            "  inet_listener imaps {\n    port = 0\n  }\n"
+            "}\n"
+            "service lmtp {\n"
+            "  inet_listener lmtp {\n"
+            "    address = 127.0.0.1\n"
+            f"    port = {self.lmtp_port}\n"
+            "  }\n"
+            "}\n"
+            f"{self._auth_config()}"
+        )
+
+    def _probe(self) -> bool:
+        return greets(self.imap_port, b"* OK") and greets(self.lmtp_port, b"220 ")
+
+
+def doveadm(conf: Path | None, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run `doveadm -c CONF ARGS...`; CONF None means an empty config (all defaults)."""
+    return subprocess.run(
+        [DOVEADM, "-c", str(conf or os.devnull), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def dovecot_lda(
+    conf: Path, user: str, message: bytes, *args: str, timeout: float = 30.0
+) -> subprocess.CompletedProcess[bytes]:
+    """Deliver MESSAGE with `dovecot-lda -c CONF -d USER ARGS...`.
+
+    Exit codes: 0 delivered, 67 unknown user, 75 temporary failure.
+    """
+    return subprocess.run(
+        [DOVECOT_LDA, "-c", str(conf), "-d", user, *args],
+        input=message,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class SourcedIMAP4(imaplib.IMAP4):
+    """imaplib's client, connecting from a chosen local address."""
+
+    def __init__(self, host: str, port: int, source_ip: str, timeout: float) -> None:
+        self.source_ip = source_ip
+        super().__init__(host, port, timeout)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source_ip, 0))
+
+
+def imap_connect(port: int, source_ip: str = "127.0.0.1", timeout: float = 15.0) -> imaplib.IMAP4:
+    """An IMAP connection to 127.0.0.1:PORT from SOURCE_IP (any 127.x.y.z works on Linux).
+
+    Failed logins raise the per-IP auth penalty, so tests that fail on purpose should use a
+    source address of their own.
+    """
+    return SourcedIMAP4("127.0.0.1", port, source_ip, timeout)

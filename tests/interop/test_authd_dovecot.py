@@ -1,0 +1,276 @@
+"""Issue 3 interop: a real Dovecot 2.3 logs users in through authd, by both routes.
+
+Route A points Dovecot's login/post-login processes and auth_socket_path at authd's
+sockets; route B has Dovecot's master start `authd serve --dovecot-service` as its
+own auth service. Both are checked with IMAP (imaplib), LMTP, dovecot-lda and doveadm.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import shutil
+import smtplib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.authd_process import LISTENERS, AuthdProcess
+
+from .dovecot import AuthCommand, DovecotImap, ExternalSockets, doveadm, dovecot_lda, imap_connect, mail_ids
+from .procs import make_workdir, running, subdir
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("dovecot") is None, reason="Debian's dovecot-core is not installed"
+)
+
+MESSAGE = b"From: sender@example.com\r\nTo: alice@example.com\r\nSubject: via authd\r\n\r\nhello\r\n"
+
+
+def users_lua() -> str:
+    uid, gid = mail_ids()
+    return f"""\
+local USERS = {{ alice = "alicepass", carol = "carolpass" }}
+
+function auth_passdb_lookup(req)
+  local password = USERS[req.user]
+  if password == nil then
+    return dovecot.auth.PASSDB_RESULT_USER_UNKNOWN, "no such user"
+  end
+  if req.user == "carol" then
+    return dovecot.auth.PASSDB_RESULT_OK, {{ password = password, nologin = "y", reason = "Account moved" }}
+  end
+  return dovecot.auth.PASSDB_RESULT_OK, "password=" .. password .. " userdb_quota_rule=*:storage=1G"
+end
+
+function auth_userdb_lookup(req)
+  if req.user == "broken" then error("userdb backend down") end
+  if USERS[req.user] == nil then
+    return dovecot.auth.USERDB_RESULT_USER_UNKNOWN, "no such user"
+  end
+  return dovecot.auth.USERDB_RESULT_OK, {{ uid = "{uid}", gid = "{gid}" }}
+end
+
+function auth_userdb_iterate()
+  return {{ "alice", "carol" }}
+end
+"""
+
+
+CONFIG = (
+    """
+[auth]
+mechanisms = ["plain", "login"]
+failure_delay = 0
+
+[[passdb]]
+driver = "lua"
+file = "users.lua"
+
+[[userdb]]
+driver = "lua"
+file = "users.lua"
+
+[lua]
+workers = 4
+"""
+    + LISTENERS
+)
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    path = make_workdir("authd-dovecot")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def authd(workdir: Path) -> Iterator[AuthdProcess]:
+    proc = AuthdProcess(subdir(workdir, "authd"), CONFIG, {"users.lua": users_lua()})
+    with running("authd", proc):
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def route_a(workdir: Path, authd: AuthdProcess) -> Iterator[DovecotImap]:
+    sockets = ExternalSockets(
+        authd.socket("auth-login"), authd.socket("auth-master"), authd.socket("auth-userdb")
+    )
+    with running("dovecot route A", DovecotImap(subdir(workdir, "imap-a"), sockets)) as imap:
+        yield imap
+
+
+@pytest.fixture(scope="module")
+def route_b(workdir: Path) -> Iterator[DovecotImap]:
+    directory = subdir(workdir, "authd-b")
+    (directory / "users.lua").write_text(users_lua())
+    (directory / "users.lua").chmod(0o644)
+    config = directory / "authd.toml"
+    config.write_text(CONFIG.split("[[listener]]")[0])  # Dovecot's master provides the listeners
+    config.chmod(0o644)
+    # The console script, not `python -m`: Dovecot's master execs with a bare argv[0], and a
+    # venv's python finds its site-packages only through an absolute path (the shebang's).
+    authd_bin = Path(sys.executable).parent / "authd"
+    command = AuthCommand(f"{authd_bin} serve --dovecot-service --config {config}")
+    with running("dovecot route B", DovecotImap(subdir(workdir, "imap-b"), command)) as imap:
+        yield imap
+
+
+def login_and_count(imap: DovecotImap, user: str = "alice", password: str = "alicepass") -> int:
+    conn = imap_connect(imap.imap_port)
+    try:
+        conn.login(user, password)
+        status, data = conn.select("INBOX")
+        assert status == "OK", data
+        return int(data[0] or 0)
+    finally:
+        conn.logout()
+
+
+# --- doveadm against authd's userdb/master sockets ----------------------------------------
+
+
+def test_doveadm_user_found(authd: AuthdProcess) -> None:
+    uid, gid = mail_ids()
+    done = doveadm(None, "user", "-a", str(authd.socket("auth-userdb")), "alice")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:3] == ["field\tvalue", f"uid\t{uid}", f"gid\t{gid}"]
+
+
+def test_doveadm_user_not_found(authd: AuthdProcess) -> None:
+    done = doveadm(None, "user", "-a", str(authd.socket("auth-userdb")), "mallory")
+    assert done.returncode == 67
+    assert "userdb lookup: user mallory doesn't exist" in done.stdout
+
+
+def test_doveadm_user_temp_fail(authd: AuthdProcess) -> None:
+    done = doveadm(None, "user", "-a", str(authd.socket("auth-userdb")), "broken")
+    assert done.returncode == 75
+    assert "Auth USER lookup failed" in done.stderr
+
+
+def test_doveadm_user_list(authd: AuthdProcess) -> None:
+    done = doveadm(None, "user", "-a", str(authd.socket("auth-userdb")), "*")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["alice", "carol"]
+
+
+def test_doveadm_auth_lookup(authd: AuthdProcess) -> None:
+    done = doveadm(None, "auth", "lookup", "-a", str(authd.socket("auth-master")), "alice")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:2] == ["passdb: alice", "  user      : alice"]
+
+
+def test_doveadm_auth_login_runs_the_request_flow(authd: AuthdProcess) -> None:
+    uid, gid = mail_ids()
+    done = doveadm(
+        None,
+        "auth",
+        "login",
+        "-a",
+        str(authd.socket("auth-login")),
+        "-m",
+        str(authd.socket("auth-master")),
+        "alice",
+        "alicepass",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:7] == [
+        "passdb: alice auth succeeded",
+        "extra fields:",
+        "  user=alice",
+        "  ",
+        "userdb extra fields:",
+        "  alice",
+        "  quota_rule=*:storage=1G",  # prefetched from the passdb, so first
+    ]
+    # a Lua table's order is the hash order, in Dovecot too
+    assert sorted(lines[7:9]) == [f"  gid={gid}", f"  uid={uid}"]
+    assert lines[9:] == ["  auth_mech=PLAIN"]
+
+
+# --- route A ----------------------------------------------------------------------------------
+
+
+def test_route_a_imap_login(route_a: DovecotImap) -> None:
+    assert login_and_count(route_a) >= 0
+
+
+def test_route_a_imap_authenticate_plain(route_a: DovecotImap) -> None:
+    conn = imap_connect(route_a.imap_port)
+    try:
+        status, _ = conn.authenticate("PLAIN", lambda _: b"\0alice\0alicepass")
+        assert status == "OK"
+    finally:
+        conn.logout()
+
+
+def test_route_a_imap_wrong_password(route_a: DovecotImap) -> None:
+    conn = imap_connect(route_a.imap_port)
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
+            conn.login("alice", "wrong")
+    finally:
+        conn.logout()
+
+
+def test_route_a_nologin_shows_reason(route_a: DovecotImap) -> None:
+    conn = imap_connect(route_a.imap_port)
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match="Account moved"):
+            conn.login("carol", "carolpass")
+    finally:
+        conn.logout()
+
+
+def test_route_a_lmtp_rcpt(route_a: DovecotImap) -> None:
+    with smtplib.LMTP("127.0.0.1", route_a.lmtp_port) as lmtp:
+        lmtp.ehlo()
+        assert lmtp.mail("sender@example.com")[0] == 250
+        assert lmtp.rcpt("alice")[0] == 250
+        code, text = lmtp.rcpt("mallory")
+        assert code == 550, text
+
+
+def test_route_a_lmtp_and_lda_deliver(route_a: DovecotImap) -> None:
+    before = login_and_count(route_a)
+    with smtplib.LMTP("127.0.0.1", route_a.lmtp_port) as lmtp:
+        assert lmtp.sendmail("sender@example.com", ["alice"], MESSAGE) == {}
+    delivered = dovecot_lda(route_a.conf_path, "alice", MESSAGE, "-f", "sender@example.com")
+    assert delivered.returncode == 0, delivered
+    assert login_and_count(route_a) == before + 2
+
+
+def test_route_a_lda_unknown_user(route_a: DovecotImap) -> None:
+    assert dovecot_lda(route_a.conf_path, "mallory", MESSAGE).returncode == 67
+
+
+# --- route B ----------------------------------------------------------------------------------
+
+
+def test_route_b_imap_login_and_lmtp(route_b: DovecotImap) -> None:
+    assert login_and_count(route_b) >= 0
+    with smtplib.LMTP("127.0.0.1", route_b.lmtp_port) as lmtp:
+        lmtp.ehlo()
+        assert lmtp.mail("sender@example.com")[0] == 250
+        assert lmtp.rcpt("alice")[0] == 250
+        assert lmtp.rcpt("mallory")[0] == 550
+
+
+def test_route_b_wrong_password(route_b: DovecotImap) -> None:
+    conn = imap_connect(route_b.imap_port)
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
+            conn.login("alice", "wrong")
+    finally:
+        conn.logout()
+
+
+def test_route_b_logs_through_dovecot(route_b: DovecotImap) -> None:
+    login_and_count(route_b)
+    log = route_b.log_text()
+    assert "auth: Info: listener.ready" in log
+    assert "auth: Error:" not in log
