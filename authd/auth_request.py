@@ -273,7 +273,7 @@ class AuthRequest:
         if new is None:
             return False
         if not new:
-            log.error("username attempted to be changed to empty", user=_text(self.user))
+            log.error("auth.field", message="username attempted to be changed to empty", **self.log_context())
             self.failed = True
             return True
         if new != self.user:
@@ -284,7 +284,7 @@ class AuthRequest:
 
     def set_password(self, value: bytes, default_scheme: str, *, noscheme: bool = False) -> None:
         if self.passdb_password is not None:
-            log.error("Multiple password values not supported", user=_text(self.user))
+            log.error("auth.field", message="Multiple password values not supported", **self.log_context())
             return
         if value.startswith(b"{") and not noscheme and b"}" in value:
             self.passdb_password = value
@@ -339,7 +339,9 @@ class AuthRequest:
                 and b"noauthenticate" not in self.extra_fields
                 and _strip_scheme(password)
             ):
-                log.error("nopassword set but password is non-empty", user=_text(self.user))
+                log.error(
+                    "auth.field", message="nopassword set but password is non-empty", **self.log_context()
+                )
                 return
             self.passdb_password = None
             self.extra_fields.add(name, value)
@@ -360,18 +362,28 @@ class AuthRequest:
         stamp, _, extra = value.partition(b"+")
         now = time.time()
         if extra and not extra.isdigit():
-            log.error("Invalid delay_until randomness number", value=_text(extra))
+            log.error(
+                "auth.field",
+                message=f"Invalid delay_until randomness number '{_text(extra)}'",
+                **self.log_context(),
+            )
             self.failed = True
             return
         if not stamp.isdigit():
-            log.error("Invalid delay_until timestamp", value=_text(stamp))
+            log.error(
+                "auth.field", message=f"Invalid delay_until timestamp '{_text(stamp)}'", **self.log_context()
+            )
             self.failed = True
             return
         until = int(stamp)
         if until <= now:
             return
         if until - now > MAX_DELAY_SECS:
-            log.error("delay_until timestamp is too much in the future, failing", value=_text(stamp))
+            log.error(
+                "auth.field",
+                message=f"delay_until timestamp {_text(stamp)} is too much in the future, failing",
+                **self.log_context(),
+            )
             self.failed = True
             return
         until += random.randrange(int(extra)) if extra and int(extra) > 0 else 0
@@ -390,16 +402,28 @@ class AuthRequest:
             try:
                 network = ipaddress.ip_network(net, strict=False)
             except ValueError:
-                log.info(f"{name.decode()}: Invalid network '{net}'", user=_text(self.user))
+                log.info(
+                    "auth.allow_nets",
+                    message=f"{name.decode()}: Invalid network '{net}'",
+                    **self.log_context(),
+                )
                 continue
             if remote is not None and ipaddress.ip_address(remote) in network:
                 found = True
                 break
         if not found:
             if remote is None:
-                log.info(f"{name.decode()} check failed: Remote IP not known and 'local' missing")
+                log.info(
+                    "auth.allow_nets",
+                    message=f"{name.decode()} check failed: Remote IP not known and 'local' missing",
+                    **self.log_context(),
+                )
             else:
-                log.info(f"{name.decode()} check failed: IP {remote} not in allowed networks")
+                log.info(
+                    "auth.allow_nets",
+                    message=f"{name.decode()} check failed: IP {remote} not in allowed networks",
+                    **self.log_context(),
+                )
             self.failed = True
 
     # --- userdb fields ---------------------------------------------------------------
@@ -419,7 +443,11 @@ class AuthRequest:
         if name in (b"uid", b"gid"):
             number = _resolve_id(name, value)
             if number is None:
-                log.error(f"Invalid {name.decode()} value '{_text(value)}'", user=_text(self.user))
+                log.error(
+                    "userdb.field",
+                    message=f"Invalid {name.decode()} value '{_text(value)}'",
+                    **self.log_context(),
+                )
                 self.userdb_lookup_tempfailed = True
                 return
             value = number
@@ -445,7 +473,9 @@ class AuthRequest:
         try:
             st = os.stat(path)
         except OSError as exc:
-            log.error(f"stat({_text(path)}) failed: {exc.strerror}")
+            log.error(
+                "userdb.field", message=f"stat({_text(path)}) failed: {exc.strerror}", **self.log_context()
+            )
             self.userdb_lookup_tempfailed = True
             return
         self.userdb_reply.add(b"uid", b"%d" % st.st_uid)
