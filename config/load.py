@@ -7,6 +7,7 @@ keys are errors too: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -21,11 +22,18 @@ from config.schema import (
     LOG_LEVELS,
     LUA_VERSIONS,
     MECHANISMS,
+    PASSDB_DRIVERS,
+    PASSDB_SKIPS,
+    RULES,
+    USERDB_DRIVERS,
+    USERDB_SKIPS,
     AuthSettings,
+    CacheSettings,
     Config,
     ListenerSettings,
     LogSettings,
     LuaSettings,
+    MetricsSettings,
     PassdbSettings,
     UserdbSettings,
 )
@@ -135,8 +143,18 @@ def _auth(t: _Table) -> AuthSettings:
         username_translation=t.string("username_translation", defaults.username_translation),
         default_realm=t.string("default_realm", defaults.default_realm),
         anonymous_username=t.string("anonymous_username", defaults.anonymous_username),
+        master_user_separator=t.string("master_user_separator", defaults.master_user_separator),
+        ssl_username_from_cert=t.boolean("ssl_username_from_cert", defaults.ssl_username_from_cert),
+        trusted_networks=t.strings("trusted_networks", defaults.trusted_networks),
         debug=t.boolean("debug", defaults.debug),
     )
+    for network in settings.trusted_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise t.error("trusted_networks", f"not a network: {network!r}") from None
+    if len(settings.master_user_separator) > 1:
+        raise t.error("master_user_separator", "expected a single character")
     if len(settings.username_translation) % 2:
         raise t.error("username_translation", "expected pairs of characters (from, to)")
     t.finish()
@@ -171,34 +189,63 @@ def _listener(t: _Table) -> ListenerSettings:
     return settings
 
 
-def _script_db(t: _Table, kind: str) -> dict[str, Any]:
+def _settings_table(t: _Table) -> tuple[tuple[str, str], ...]:
+    """`settings = { key = "value" }`: the 2.4 lua_settings, strings only."""
+    table = t.table("settings")
+    pairs = []
+    for key, value in table.data.items():
+        table.used.add(key)
+        if not isinstance(value, str):
+            raise table.error(key, f"expected a string, got {_describe(value)}")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def _db(t: _Table, kind: str) -> dict[str, Any]:
+    """Keys shared by [[passdb]] and [[userdb]]."""
+    drivers = USERDB_DRIVERS if kind == "userdb" else PASSDB_DRIVERS
     driver = t.string("driver", None)
     if driver is None:
-        raise t.error("driver", f'missing; expected "lua"{" or prefetch" if kind == "userdb" else ""}')
-    drivers = ("lua", "prefetch") if kind == "userdb" else ("lua",)
+        raise t.error("driver", f"missing; expected one of {', '.join(drivers)}")
     if driver not in drivers:
         raise t.error("driver", f"unknown driver {driver!r} (known: {', '.join(drivers)})")
+    skips = USERDB_SKIPS if kind == "userdb" else PASSDB_SKIPS
     fields: dict[str, Any] = {
         "driver": driver,
         "file": t.path("file"),
         "blocking": t.boolean("blocking", True),
         "dialect": t.choice("dialect", DIALECTS, "2.3"),
+        "args": t.string("args", ""),
+        "settings": _settings_table(t),
         "name": t.string("name", ""),
+        "result_success": t.choice("result_success", RULES, "return-ok"),
+        "result_failure": t.choice("result_failure", RULES, "continue"),
+        "result_internalfail": t.choice("result_internalfail", RULES, "continue"),
+        "skip": t.choice("skip", skips, "never"),
+        "cache_key": t.string("cache_key", None),
     }
-    if driver == "lua" and fields["file"] is None:
-        raise t.error("file", f'a lua {kind} needs file = "/path/to/script.lua"')
+    if driver in ("lua", "passwd-file") and fields["file"] is None:
+        example = "script.lua" if driver == "lua" else "users"
+        raise t.error("file", f'a {driver} {kind} needs file = "/path/to/{example}"')
     return fields
 
 
 def _passdb(t: _Table) -> PassdbSettings:
-    fields = _script_db(t, "passdb")
-    settings = PassdbSettings(scheme=t.string("scheme", "PLAIN").upper(), **fields)
+    settings = PassdbSettings(
+        scheme=t.string("scheme", "PLAIN").upper(),
+        deny=t.boolean("deny", False),
+        master=t.boolean("master", False),
+        pass_=t.boolean("pass", False),
+        mechanisms=tuple(m.upper() for m in t.strings("mechanisms", ())),
+        username_filter=t.strings("username_filter", ()),
+        **_db(t, "passdb"),
+    )
     t.finish()
     return settings
 
 
 def _userdb(t: _Table) -> UserdbSettings:
-    settings = UserdbSettings(**_script_db(t, "userdb"))
+    settings = UserdbSettings(**_db(t, "userdb"))
     t.finish()
     return settings
 
@@ -210,7 +257,27 @@ def _lua(t: _Table) -> LuaSettings:
         package_path=t.string("package_path", None),
         package_cpath=t.string("package_cpath", None),
         import_environment=t.strings("import_environment", ()),
+        call_timeout=t.number("call_timeout", 30.0, minimum=0.001),
+        max_memory=t.integer("max_memory", 0, minimum=0),
     )
+    t.finish()
+    return settings
+
+
+def _cache(t: _Table) -> CacheSettings:
+    settings = CacheSettings(
+        size=t.integer("size", 0, minimum=0),
+        ttl=t.number("ttl", 3600.0, minimum=0),
+        negative_ttl=t.number("negative_ttl", 3600.0, minimum=0),
+    )
+    t.finish()
+    return settings
+
+
+def _metrics(t: _Table) -> MetricsSettings:
+    settings = MetricsSettings(address=t.string("address", None), port=t.integer("port", None, minimum=0))
+    if (settings.address is None) != (settings.port is None):
+        raise t.error("port" if settings.port is None else "address", "metrics need both address and port")
     t.finish()
     return settings
 
@@ -242,6 +309,8 @@ def parse_config(
         passdbs=tuple(_passdb(t) for t in root.tables("passdb")),
         userdbs=tuple(_userdb(t) for t in root.tables("userdb")),
         lua=_lua(section("lua")),
+        cache=_cache(section("cache")),
+        metrics=_metrics(section("metrics")),
         log=_log(section("log")),
     )
     root.finish()

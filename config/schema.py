@@ -13,7 +13,22 @@ from pathlib import Path
 DEFAULT_USERNAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567890.-_@"
 
 LISTENER_TYPES = ("client", "login", "master", "userdb")
-MECHANISMS = ("plain", "login")
+MECHANISMS = (
+    "plain",
+    "login",
+    "cram-md5",
+    "scram-sha-1",
+    "scram-sha-256",
+    "oauthbearer",
+    "xoauth2",
+    "external",
+    "anonymous",
+)
+PASSDB_DRIVERS = ("lua", "static", "passwd-file")
+USERDB_DRIVERS = ("lua", "prefetch", "static", "passwd-file")
+RULES = ("return", "return-ok", "return-fail", "continue", "continue-ok", "continue-fail")
+PASSDB_SKIPS = ("never", "authenticated", "unauthenticated")
+USERDB_SKIPS = ("never", "found", "notfound")
 DIALECTS = ("2.3", "2.4")
 LUA_VERSIONS = ("5.4", "5.3", "5.1", "luajit")
 LOG_FORMATS = ("console", "json")
@@ -30,6 +45,10 @@ class AuthSettings:
     username_translation: str = ""
     default_realm: str = ""
     anonymous_username: str = "anonymous"
+    master_user_separator: str = ""
+    ssl_username_from_cert: bool = False
+    #: login_trusted_networks: no penalty, and clients here may pass real IPs.
+    trusted_networks: tuple[str, ...] = ()
     debug: bool = False
 
 
@@ -58,9 +77,24 @@ class PassdbSettings:
     file: Path | None = None
     blocking: bool = True
     dialect: str = "2.3"
-    #: Dovecot's passdb lua `scheme=`: default scheme of passwords returned in tables.
+    #: Default scheme of passwords without {SCHEME} (lua: tables only; passwd-file: all).
     scheme: str = "PLAIN"
+    #: Driver arguments in Dovecot syntax (static: "password=x allow_nets=...").
+    args: str = ""
+    #: 2.4 dialect: the lua_settings handed to script_init(tbl).
+    settings: tuple[tuple[str, str], ...] = ()
     name: str = ""
+    result_success: str = "return-ok"
+    result_failure: str = "continue"
+    result_internalfail: str = "continue"
+    skip: str = "never"
+    deny: bool = False
+    master: bool = False
+    #: A master passdb with pass = true continues to the normal passdbs for the user.
+    pass_: bool = False
+    mechanisms: tuple[str, ...] = ()
+    username_filter: tuple[str, ...] = ()
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +103,14 @@ class UserdbSettings:
     file: Path | None = None
     blocking: bool = True
     dialect: str = "2.3"
+    args: str = ""
+    settings: tuple[tuple[str, str], ...] = ()
     name: str = ""
+    result_success: str = "return-ok"
+    result_failure: str = "continue"
+    result_internalfail: str = "continue"
+    skip: str = "never"
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +120,25 @@ class LuaSettings:
     package_path: str | None = None
     package_cpath: str | None = None
     import_environment: tuple[str, ...] = ()
+    #: Seconds a single entry point call may run (instruction hook and wall clock).
+    call_timeout: float = 30.0
+    #: Bytes a Lua state may allocate; 0 = unlimited.
+    max_memory: int = 0
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Dovecot's auth cache: off by default (size 0)."""
+
+    size: int = 0
+    ttl: float = 3600.0
+    negative_ttl: float = 3600.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    address: str | None = None
+    port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,4 +155,6 @@ class Config:
     passdbs: tuple[PassdbSettings, ...] = ()
     userdbs: tuple[UserdbSettings, ...] = ()
     lua: LuaSettings = field(default_factory=LuaSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
