@@ -8,6 +8,7 @@ and what each passdb/userdb field does when a backend sets it
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import ipaddress
 import os
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from authd.fields import AuthFields
-from lua_api.request_vars import RequestVars, Secured
-from lua_api.var_expand import ExpandContext, expand_username_format
+from lua_api.request_vars import RequestVars, Secured, var_table_23
+from lua_api.var_expand import ExpandContext, expand, expand_username_format
 from protocol.events import Field, Params
 
 log = structlog.get_logger("authd.request")
@@ -39,6 +40,8 @@ class UsernameRules:
     default_realm: str = ""
     master_user_separator: str = ""
     anonymous_username: str = "anonymous"
+    #: Whether any master passdb is configured (master logins need one).
+    master_passdbs: bool = False
     #: lua_api.var_expand.ExpandContext for %{env:...} and friends in username_format.
     expand_context: object = None
 
@@ -121,6 +124,7 @@ class AuthRequest:
     userdb_lookup: bool = False
     userdb_lookup_tempfailed: bool = False
     userdb_success: bool = False
+    user_changed_by_lookup: bool = False
     snapshot_prefetch: bool = False
     passdb_result: int | None = None
     delay_until: float = 0.0
@@ -246,11 +250,13 @@ class AuthRequest:
             self.set_login_username(login_username)
 
     def set_login_username(self, username: bytes) -> None:
-        """A master user asks to log in as `username` (the caller checks master passdbs)."""
+        """auth_request_set_login_username: a master user asks to log in as `username`."""
         if not username:
             raise UsernameError("Master user login attempted to use empty login username")
         if username == self.user:
-            return
+            return  # the same user: not a master login at all
+        if not self.rules.master_passdbs:
+            raise UsernameError("Master user login attempted without master passdbs")
         self.login_user = self.fix_username(username)
 
     def _updated_username(self, name: bytes, value: bytes) -> bytes | None:
@@ -278,6 +284,7 @@ class AuthRequest:
             return True
         if new != self.user:
             self.user = new
+            self.user_changed_by_lookup = True
         return True
 
     # --- passdb fields -------------------------------------------------------------
@@ -428,6 +435,13 @@ class AuthRequest:
 
     # --- userdb fields ---------------------------------------------------------------
 
+    def set_fields(self, fields: list[bytes]) -> None:
+        """auth_request_set_fields: `key=value` items (from the cache), empty ones skipped."""
+        for item in fields:
+            if item:
+                key, _, value = item.partition(b"=")
+                self.set_field(key, value, "PLAIN")
+
     def set_userdb_field(self, name: bytes, value: bytes) -> None:
         """auth_request_set_userdb_field."""
         if self.userdb_reply is None:
@@ -441,7 +455,7 @@ class AuthRequest:
             reply.remove(name[:-7])
             return
         if name in (b"uid", b"gid"):
-            number = _resolve_id(name, value)
+            number = resolve_id(name, value)
             if number is None:
                 log.error(
                     "userdb.field",
@@ -538,6 +552,18 @@ class AuthRequest:
             db_id=db_id,
         )
 
+    def expand(self, template: bytes) -> bytes:
+        """%-expand a template with this request's variables (raises VarExpandError)."""
+        context = self.rules.expand_context
+        if not isinstance(context, ExpandContext):
+            context = ExpandContext()
+        context = dataclasses.replace(
+            context,
+            passdb_field=self.extra_fields.find,
+            userdb_field=lambda name: self.userdb_reply.find(name) if self.userdb_reply is not None else None,
+        )
+        return expand(template, var_table_23(self.vars()), context)
+
     def log_context(self) -> dict[str, str]:
         context = {"user": _text(self.user or self.original_user)}
         if self.service:
@@ -561,7 +587,7 @@ def _strip_scheme(password: bytes) -> bytes:
     return password
 
 
-def _resolve_id(kind: bytes, value: bytes) -> bytes | None:
+def resolve_id(kind: bytes, value: bytes) -> bytes | None:
     """userdb_parse_uid/gid: a number, or a user/group name from the system."""
     if value.isdigit():
         return b"%d" % int(value)

@@ -213,8 +213,6 @@ class ClientConnection:
             if event.username is not None:
                 req.set_username(event.username)
             if event.authzid:
-                if not self.server.passdbs.masters:
-                    raise UsernameError("Master user login attempted without master passdbs")
                 req.set_login_username(event.authzid)
         except UsernameError as exc:
             log.info("auth.invalid_username", message=str(exc), **req.log_context())
@@ -223,24 +221,26 @@ class ClientConnection:
         result = await self.server.passdbs.verify_plain(req, event.password)
         if not self._current(req):
             return
-        if result == PassdbResult.OK:
-            verdict = PassdbVerdict.OK
-        elif result == PassdbResult.INTERNAL_FAILURE:
-            verdict = PassdbVerdict.INTERNAL_FAILURE
-        else:
-            verdict = PassdbVerdict.FAILED
-        self.dispatch(self.proto.password_result(req.id, verdict))
+        self.dispatch(self.proto.password_result(req.id, _verdict(result)))
         await self.flush()
 
     async def _credentials(self, event: CredentialsWanted) -> None:
         req = self.requests.get(event.request_id)
         if req is None:
             return
-        log.error(
-            "auth.credentials", message="credentials lookups are not supported yet", **req.log_context()
-        )
-        req.internal_failure = True
-        await self._fail(req)
+        try:
+            req.set_username(event.username)
+            if event.authzid:
+                req.set_login_username(event.authzid)
+        except UsernameError as exc:
+            log.info("auth.invalid_username", message=str(exc), **req.log_context())
+            await self._fail(req)
+            return
+        result, credentials = await self.server.passdbs.lookup_credentials(req, event.scheme)
+        if not self._current(req):
+            return
+        self.dispatch(self.proto.credentials_result(req.id, _verdict(result), credentials or b""))
+        await self.flush()
 
     async def _succeed(self, request_id: int) -> None:
         req = self.requests.get(request_id)
@@ -300,6 +300,15 @@ class ClientConnection:
             await self.send_line(line)
         else:
             self.server.failure_delay.add(lambda: self.send_line(line))
+
+
+def _verdict(result: int) -> PassdbVerdict:
+    """What a mechanism needs to know of a passdb result."""
+    if result == PassdbResult.OK:
+        return PassdbVerdict.OK
+    if result == PassdbResult.INTERNAL_FAILURE:
+        return PassdbVerdict.INTERNAL_FAILURE
+    return PassdbVerdict.FAILED
 
 
 def _text(value: bytes | None) -> str:

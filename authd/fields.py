@@ -18,6 +18,9 @@ class AuthFields:
     def __init__(self) -> None:
         self._fields: list[Field] = []
         self._snapshot: list[Field] = []
+        #: Keys set since the last snapshot (Dovecot's AUTH_FIELD_FLAG_CHANGED): what
+        #: the current passdb/userdb lookup added, which is what the cache stores.
+        self._changed: set[bytes] = set()
 
     def _index(self, key: bytes) -> int:
         for index, field in enumerate(self._fields):
@@ -28,6 +31,7 @@ class AuthFields:
     def add(self, key: bytes, value: bytes | None, *, hidden: bool = False) -> None:
         """Set a field; an empty value is stored as NULL (p_strdup_empty)."""
         field = Field(key, value or None, hidden)
+        self._changed.add(key)
         index = self._index(key)
         if index < 0:
             self._fields.append(field)
@@ -56,9 +60,15 @@ class AuthFields:
 
     def snapshot(self) -> None:
         self._snapshot = list(self._fields)
+        self._changed.clear()
 
     def rollback(self) -> None:
         self._fields = list(self._snapshot)
+        self._changed.clear()
+
+    def changed(self) -> list[Field]:
+        """Fields set since the last snapshot, in order."""
+        return [f for f in self._fields if f.key in self._changed]
 
     def reset(self) -> None:
         self._fields = []

@@ -17,7 +17,9 @@ from typing import Protocol
 import structlog
 
 from authd.auth_request import AuthRequest
-from authd.passwords import verify
+from authd.cache_glue import PassdbCache
+from authd.password_check import handle_credentials
+from authd.password_check import verify_password as verify_password
 from lua_api.results import PassdbResult
 
 log = structlog.get_logger("authd.passdb")
@@ -56,6 +58,11 @@ class PassdbEntry:
     result_internalfail: Rule = Rule.CONTINUE
     mechanisms: tuple[str, ...] = ()
     username_filter: tuple[str, ...] = ()
+    #: The %! of this passdb (also part of its cache keys).
+    db_id: int = 0
+    #: The canonical cache key template (auth_cache_parse_key); None: not cached.
+    cache_key: bytes | None = None
+    default_scheme: str = "PLAIN"
 
     def wants_skip(self, req: AuthRequest) -> bool:
         """auth_request_want_skip_passdb."""
@@ -89,27 +96,12 @@ def username_accepted(filters: Sequence[str], username: bytes) -> bool:
     return matched or not have_includes
 
 
-def verify_password(req: AuthRequest, plain: bytes, stored: bytes | None, scheme: str) -> int:
-    """auth_request_password_verify: 1 ok, 0 mismatch, -1 error; logs like Dovecot."""
-    if req.skip_password_check:
-        return 1
-    if b"nopassword" in req.extra_fields:
-        log.debug("auth.password", message="Allowing any password", **req.log_context())
-        return 1
-    result = verify(plain, b"{" + scheme.encode() + b"}" + (stored or b""), user=req.original_user or b"")
-    if result.code < 0 or (result.code == 0 and result.error and result.error.startswith("Unknown scheme")):
-        log.error("auth.password", message=result.error or "invalid password data", **req.log_context())
-        return -1
-    if result.code == 0:
-        log.info("auth.password_mismatch", message="Password mismatch", **req.log_context())
-    return result.code
-
-
 @dataclass
 class PassdbChain:
     """The configured passdbs in order (master passdbs kept apart)."""
 
     entries: list[PassdbEntry] = field(default_factory=list)
+    cache: PassdbCache | None = None
 
     @property
     def normal(self) -> list[PassdbEntry]:
@@ -149,9 +141,8 @@ class PassdbChain:
                 result = self._all_skipped(req)
                 break
             entry = chain[index]
-            result = await entry.driver.verify_plain(req, password)
-            if result == PassdbResult.OK and b"noauthenticate" in req.extra_fields:
-                result = PassdbResult.NEXT
+            req.user_changed_by_lookup = False
+            result = await self._verify_one(req, entry, password)
             done, result, chain, index = self._handle_result(req, entry, result, chain, index)
             if done:
                 break
@@ -170,9 +161,8 @@ class PassdbChain:
                 result, credentials = self._all_skipped(req), None
                 break
             entry = chain[index]
-            result, credentials = await entry.driver.lookup_credentials(req, scheme)
-            if result == PassdbResult.OK and b"noauthenticate" in req.extra_fields:
-                result = PassdbResult.NEXT
+            req.user_changed_by_lookup = False
+            result, credentials = await self._lookup_one(req, entry, scheme)
             done, result, chain, index = self._handle_result(req, entry, result, chain, index)
             if done:
                 break
@@ -184,6 +174,49 @@ class PassdbChain:
             result = PassdbResult.USER_UNKNOWN
         req.passdb_result = result
         return result, credentials
+
+    async def _verify_one(self, req: AuthRequest, entry: PassdbEntry, password: bytes) -> int:
+        """One passdb's answer for a password, through the cache when it has one."""
+        cache = self.cache if entry.cache_key is not None else None
+        if cache is not None and entry.cache_key is not None:
+            cached = cache.verify_plain(req, entry.cache_key, entry.db_id, password, use_expired=False)
+            if cached is not None:
+                return cached
+        result = await entry.driver.verify_plain(req, password)
+        if result == PassdbResult.OK and b"noauthenticate" in req.extra_fields:
+            result = PassdbResult.NEXT
+        if cache is None or entry.cache_key is None:
+            return result
+        if result != PassdbResult.INTERNAL_FAILURE:
+            cache.save(req, entry.cache_key, entry.db_id, result, entry.default_scheme)
+            return result
+        # The backend failed: an expired cache entry is better than nothing.
+        cached = cache.verify_plain(req, entry.cache_key, entry.db_id, password, use_expired=True)
+        if cached is None:
+            return result
+        log.info("cache.fallback", message="Falling back to expired data from cache", **req.log_context())
+        return cached
+
+    async def _lookup_one(self, req: AuthRequest, entry: PassdbEntry, scheme: str) -> tuple[int, bytes | None]:
+        """One passdb's credentials, through the cache when it has one."""
+        cache = self.cache if entry.cache_key is not None else None
+        if cache is not None and entry.cache_key is not None:
+            cached = cache.lookup_credentials(req, entry.cache_key, entry.db_id, use_expired=False)
+            if cached is not None:
+                return handle_credentials(req, cached[0], cached[1], cached[2] or "PLAIN", scheme)
+        result, credentials = await entry.driver.lookup_credentials(req, scheme)
+        if result == PassdbResult.OK and b"noauthenticate" in req.extra_fields:
+            result = PassdbResult.NEXT
+        if cache is None or entry.cache_key is None:
+            return result, credentials
+        if result != PassdbResult.INTERNAL_FAILURE:
+            cache.save(req, entry.cache_key, entry.db_id, result, entry.default_scheme)
+            return result, credentials
+        cached = cache.lookup_credentials(req, entry.cache_key, entry.db_id, use_expired=True)
+        if cached is None:
+            return result, credentials
+        log.info("cache.fallback", message="Falling back to expired data from cache", **req.log_context())
+        return handle_credentials(req, cached[0], cached[1], cached[2] or "PLAIN", scheme)
 
     @staticmethod
     def _skip(req: AuthRequest, chain: list[PassdbEntry], index: int) -> int:
@@ -241,7 +274,7 @@ class PassdbChain:
         req.extra_fields.remove(b"nopassword")
         req.extra_fields.remove(b"noauthenticate")
 
-        if req.login_user is not None and result == PassdbResult.OK and chain is self.masters:
+        if req.login_user is not None and result == PassdbResult.OK:
             self._master_login_finish(req)
             chain, next_index = self.normal, 0
         else:
@@ -283,9 +316,9 @@ class PassdbChain:
         """auth_request_master_user_login_finish: the master user becomes auth_user."""
         if req.failed:
             return
-        log.info(
-            "auth.master_login", message=f"Master user logging in as {req.login_user!r}", **req.log_context()
-        )
+        target = (req.login_user or b"").decode("utf-8", "replace")
+        log.info("auth.master_login", message=f"Master user logging in as {target}", **req.log_context())
         req.master_user = req.user
         req.user = req.login_user
         req.translated_user = req.login_user
+        req.login_user = None

@@ -18,14 +18,14 @@ import trio
 
 from authd.auth_request import AuthRequest, UsernameRules
 from authd.client_conn import ClientConnection
+from authd.cache import AuthCache
+from authd.cache_glue import PassdbCache, UserdbCache
+from authd.databases import build_passdbs, build_userdbs
 from authd.failure_delay import FailureDelay
 from authd.listeners import open_listener
 from authd.lua_bridge import expand_context
-from authd.lua_db import LuaPassdb, LuaUserdb
 from authd.master_conn import MasterConnection, auth_token
-from authd.passdb import PassdbChain, PassdbEntry
-from authd.userdb import PrefetchUserdb, UserdbChain, UserdbEntry
-from config.schema import Config, ListenerSettings, PassdbSettings, UserdbSettings
+from config.schema import Config, ListenerSettings
 from lua_api.http import HttpExtension
 from lua_api.runtime import StateOptions
 from protocol.mechanisms import MECHANISMS, Mechanism
@@ -59,13 +59,20 @@ class Server:
             format=auth.username_format,
             default_realm=auth.default_realm,
             anonymous_username=auth.anonymous_username,
+            master_user_separator=auth.master_user_separator,
+            master_passdbs=any(p.master for p in config.passdbs),
             expand_context=expand_context(self._environment()),
         )
         self.mechanisms: list[type[Mechanism]] = [MECHANISMS[m.upper()] for m in auth.mechanisms]
         self.failure_delay = FailureDelay(auth.failure_delay)
         self.limiter = trio.CapacityLimiter(config.lua.workers)
-        self.passdbs = PassdbChain([self._passdb(index, p) for index, p in enumerate(config.passdbs)])
-        self.userdbs = UserdbChain([self._userdb(index, u) for index, u in enumerate(config.userdbs)])
+        self.passdbs = build_passdbs(config, self._state_options, self.limiter)
+        self.userdbs = build_userdbs(config, self._state_options, self.limiter, self.passdbs)
+        self.cache: AuthCache | None = None
+        if config.cache.size > 0 and config.cache.ttl > 0:
+            self.cache = AuthCache(config.cache.size, config.cache.ttl, config.cache.negative_ttl)
+            self.passdbs.cache = PassdbCache(self.cache)
+            self.userdbs.cache = UserdbCache(self.cache)
         self.token_secret = secrets.token_bytes(32)
         self.login_clients: dict[int, ClientConnection] = {}
         self.clients: set[ClientConnection] = set()
@@ -92,35 +99,6 @@ class Server:
         if not hasattr(self, "_http"):
             self._http = HttpExtension()
         return (self._http,)
-
-    def _passdb(self, index: int, settings: PassdbSettings) -> PassdbEntry:
-        assert settings.file is not None
-        driver = LuaPassdb(
-            settings.file,
-            default_scheme=settings.scheme,
-            blocking=settings.blocking,
-            options=self._state_options(),
-            workers=self.config.lua.workers,
-            limiter=self.limiter,
-            db_id=index + 1,
-            debug=self.config.auth.debug,
-        )
-        return PassdbEntry(driver=driver, name=settings.name)
-
-    def _userdb(self, index: int, settings: UserdbSettings) -> UserdbEntry:
-        if settings.driver == "prefetch":
-            return UserdbEntry(driver=PrefetchUserdb(alone=len(self.config.userdbs) == 1), name=settings.name)
-        assert settings.file is not None
-        driver = LuaUserdb(
-            settings.file,
-            blocking=settings.blocking,
-            options=self._state_options(),
-            workers=self.config.lua.workers,
-            limiter=self.limiter,
-            db_id=index + 1,
-            debug=self.config.auth.debug,
-        )
-        return UserdbEntry(driver=driver, name=settings.name)
 
     # --- shared state ------------------------------------------------------------
 
@@ -150,8 +128,12 @@ class Server:
             del self.login_clients[pid]
 
     def cache_flush(self, users: tuple[bytes, ...]) -> int:
-        """CACHE-FLUSH: number of entries dropped (no cache yet: always 0)."""
-        return 0
+        """CACHE-FLUSH: drop everything, or the listed users' entries; returns how many."""
+        if self.cache is None:
+            return 0
+        count = self.cache.clear_users(users) if users else self.cache.clear()
+        log.info("cache.flush", entries=count, users=[u.decode("utf-8", "replace") for u in users])
+        return count
 
     def auth_token(self, req: AuthRequest) -> bytes:
         assert req.session_pid is not None

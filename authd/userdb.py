@@ -12,6 +12,7 @@ from typing import Protocol
 import structlog
 
 from authd.auth_request import AuthRequest
+from authd.cache_glue import UserdbCache
 from authd.fields import AuthFields
 from authd.passdb import Rule
 from lua_api.results import IterateResult, UserdbResult
@@ -61,6 +62,8 @@ class UserdbEntry:
     result_success: Rule = Rule.RETURN_OK
     result_failure: Rule = Rule.CONTINUE
     result_internalfail: Rule = Rule.CONTINUE
+    db_id: int = 0
+    cache_key: bytes | None = None
 
     def wants_skip(self, req: AuthRequest) -> bool:
         if self.skip == "found":
@@ -73,6 +76,7 @@ class UserdbEntry:
 @dataclass
 class UserdbChain:
     entries: list[UserdbEntry] = field(default_factory=list)
+    cache: UserdbCache | None = None
 
     async def start(self) -> None:
         for entry in self.entries:
@@ -93,7 +97,8 @@ class UserdbChain:
         index = 0
         while True:
             entry = self.entries[index]
-            result = await entry.driver.lookup(req)
+            req.user_changed_by_lookup = False
+            result = await self._lookup_one(req, entry)
             rule = {
                 UserdbResult.OK: entry.result_success,
                 UserdbResult.INTERNAL_FAILURE: entry.result_internalfail,
@@ -126,6 +131,26 @@ class UserdbChain:
         if req.userdb_lookup_tempfailed:
             result = UserdbResult.INTERNAL_FAILURE
         return result
+
+    async def _lookup_one(self, req: AuthRequest, entry: UserdbEntry) -> int:
+        """One userdb's answer, through the cache when it has one."""
+        cache, key = self.cache, entry.cache_key
+        if cache is None or key is None:
+            return await entry.driver.lookup(req)
+        cached = cache.lookup(req, key, entry.db_id, use_expired=False)
+        if cached is not None:
+            return cached
+        result = await entry.driver.lookup(req)
+        if req.userdb_lookup_tempfailed:
+            return result  # never cached
+        if result != UserdbResult.INTERNAL_FAILURE:
+            cache.save(req, key, entry.db_id, result)
+            return result
+        cached = cache.lookup(req, key, entry.db_id, use_expired=True)
+        if cached is None:
+            return result
+        log.info("cache.fallback", message="Falling back to expired data from cache", **req.log_context())
+        return cached
 
     async def iterate(self) -> list[IterateResult]:
         """Every iterable userdb's users, in order (LIST)."""

@@ -231,8 +231,9 @@ def _db(t: _Table, kind: str) -> dict[str, Any]:
 
 
 def _passdb(t: _Table) -> PassdbSettings:
+    scheme = t.string("scheme", None)
     settings = PassdbSettings(
-        scheme=t.string("scheme", "PLAIN").upper(),
+        scheme=scheme.upper() if scheme is not None else None,
         deny=t.boolean("deny", False),
         master=t.boolean("master", False),
         pass_=t.boolean("pass", False),
@@ -242,6 +243,21 @@ def _passdb(t: _Table) -> PassdbSettings:
     )
     t.finish()
     return settings
+
+
+def _check_passdbs(passdbs: tuple[PassdbSettings, ...], source: str) -> None:
+    """The chain rules Dovecot refuses to start with (auth.c)."""
+    normal = [(i, p) for i, p in enumerate(passdbs) if not p.master]
+    if normal and normal[-1][1].pass_:
+        raise ConfigError(f"{source}: passdb[{normal[-1][0]}].pass: the last passdb can't have pass = true")
+    for index, passdb in enumerate(passdbs):
+        if passdb.master and passdb.deny:
+            raise ConfigError(f"{source}: passdb[{index}].deny: a master passdb can't have deny = true")
+        if passdb.master and passdb.pass_ and not normal:
+            raise ConfigError(
+                f"{source}: passdb[{index}].pass: "
+                "a master passdb can't have pass = true without other passdbs"
+            )
 
 
 def _userdb(t: _Table) -> UserdbSettings:
@@ -314,6 +330,7 @@ def parse_config(
         log=_log(section("log")),
     )
     root.finish()
+    _check_passdbs(config.passdbs, root.source)
     if require_listeners and not config.listeners:
         raise ConfigError(f"{root.source}: listener: at least one [[listener]] is needed")
     return replace(

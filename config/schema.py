@@ -77,8 +77,9 @@ class PassdbSettings:
     file: Path | None = None
     blocking: bool = True
     dialect: str = "2.3"
-    #: Default scheme of passwords without {SCHEME} (lua: tables only; passwd-file: all).
-    scheme: str = "PLAIN"
+    #: Default scheme of passwords without {SCHEME} (lua: tables only, default PLAIN;
+    #: passwd-file: all, default CRYPT; static: PLAIN). None = the driver's default.
+    scheme: str | None = None
     #: Driver arguments in Dovecot syntax (static: "password=x allow_nets=...").
     args: str = ""
     #: 2.4 dialect: the lua_settings handed to script_init(tbl).

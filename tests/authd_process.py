@@ -84,7 +84,7 @@ class AuthdProcess:
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"authd exited with {self.popen.returncode}:\n{self.log_text()}")
-            if all(_accepts(self.socket(name)) for name in wait_for):
+            if all(accepts(self.socket(name)) for name in wait_for):
                 return
             time.sleep(0.05)
         self.stop()
@@ -142,7 +142,8 @@ class AuthdProcess:
         self.stop()
 
 
-def _accepts(path: Path) -> bool:
+def accepts(path: Path) -> bool:
+    """Does a unix socket at `path` accept connections?"""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.authd_process import REPO, AuthdProcess
+from tests.authd_process import REPO, AuthdProcess, accepts
 
 
 def authd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -31,10 +31,9 @@ def test_demo_serves_and_the_test_command_authenticates(tmp_path: Path) -> None:
     )
     try:
         client = tmp_path / "run" / "authd-demo" / "auth-client"
-        deadline = time.monotonic() + 20
-        while not client.exists() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while not accepts(client) and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.3)
         ok = authd("test", "--socket", str(client), "alice", "alicepass")
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout == "passdb: alice auth succeeded\nextra fields:\n  user=alice\n  \n"
