@@ -125,6 +125,8 @@ class AuthRequest:
     userdb_lookup_tempfailed: bool = False
     userdb_success: bool = False
     user_changed_by_lookup: bool = False
+    #: The address's penalty when this request started (Dovecot's last_penalty).
+    last_penalty: int = 0
     snapshot_prefetch: bool = False
     passdb_result: int | None = None
     delay_until: float = 0.0

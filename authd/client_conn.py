@@ -15,6 +15,7 @@ import structlog
 import trio
 
 from authd.auth_request import AuthRequest, UsernameError
+from authd.penalty import penalty_to_secs
 from lua_api.results import PassdbResult
 from protocol.client import AuthClientServer, HandshakeSettings, TakenRequest
 from protocol.errors import PeerError
@@ -188,8 +189,15 @@ class ClientConnection:
         req.client_pid = self.proto.pid if self.login and self.proto.pid else 0
         req.import_params(event.params, auth=True)
         self.requests[req.id] = req
-        # The per-IP penalty wait goes here (a later issue); Dovecot runs the
-        # mechanism only after it.
+        # Dovecot waits out the per-IP penalty before running the mechanism; a CONT
+        # arriving meanwhile is an "Unexpected continuation".
+        ident = self.server.penalty.ident(req.remote_ip, no_penalty=req.no_penalty)
+        if ident is not None:
+            req.last_penalty = self.server.penalty.lookup(ident)
+            if req.last_penalty:
+                await trio.sleep(penalty_to_secs(req.last_penalty))
+                if not self._current(req):
+                    return
         self.dispatch(self.proto.begin(req.id))
         await self.flush()
 
@@ -259,6 +267,8 @@ class ClientConnection:
         extra = req.extra_fields
         extra.booleanize(b"nologin")
         extra.booleanize(b"proxy")
+        if req.last_penalty:
+            self._penalize(req, 0)  # a success resets the address's penalty
         keep = req if self.login and b"nologin" not in extra and b"proxy" not in extra else None
         self.proto.succeed(
             req.id, req.user or b"", list(extra), req.reply_trailer(login=self.login), keep=keep
@@ -296,10 +306,21 @@ class ClientConnection:
         self.server.log_result(req, code.decode() or "failed")
         if line is None:
             return
-        if nodelay or self.server.failure_delay.delay <= 0:
+        if nodelay:
+            await self.send_line(line)
+            return
+        self._penalize(req, req.last_penalty + 1)
+        if self.server.failure_delay.delay <= 0:
             await self.send_line(line)
         else:
             self.server.failure_delay.add(lambda: self.send_line(line))
+
+    def _penalize(self, req: AuthRequest, value: int) -> None:
+        ident = self.server.penalty.ident(req.remote_ip, no_penalty=req.no_penalty)
+        if ident is not None:
+            self.server.penalty.update(ident, value, user=req.user or b"", password=req.mech_password)
+            if value:
+                log.info("auth.penalty", penalty=value, **req.log_context())
 
 
 def _verdict(result: int) -> PassdbVerdict:

@@ -22,6 +22,7 @@ from authd.cache import AuthCache
 from authd.cache_glue import PassdbCache, UserdbCache
 from authd.databases import build_passdbs, build_userdbs
 from authd.failure_delay import FailureDelay
+from authd.penalty import PenaltyTracker
 from authd.listeners import open_listener
 from authd.lua_bridge import expand_context
 from authd.master_conn import MasterConnection, auth_token
@@ -65,6 +66,7 @@ class Server:
         )
         self.mechanisms: list[type[Mechanism]] = [MECHANISMS[m.upper()] for m in auth.mechanisms]
         self.failure_delay = FailureDelay(auth.failure_delay)
+        self.penalty = PenaltyTracker(auth.trusted_networks, enabled=auth.penalty)
         self.limiter = trio.CapacityLimiter(config.lua.workers)
         self.passdbs = build_passdbs(config, self._state_options, self.limiter)
         self.userdbs = build_userdbs(config, self._state_options, self.limiter, self.passdbs)

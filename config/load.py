@@ -145,6 +145,7 @@ def _auth(t: _Table) -> AuthSettings:
         anonymous_username=t.string("anonymous_username", defaults.anonymous_username),
         master_user_separator=t.string("master_user_separator", defaults.master_user_separator),
         ssl_username_from_cert=t.boolean("ssl_username_from_cert", defaults.ssl_username_from_cert),
+        penalty=t.boolean("penalty", defaults.penalty),
         trusted_networks=t.strings("trusted_networks", defaults.trusted_networks),
         debug=t.boolean("debug", defaults.debug),
     )

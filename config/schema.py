@@ -47,7 +47,9 @@ class AuthSettings:
     anonymous_username: str = "anonymous"
     master_user_separator: str = ""
     ssl_username_from_cert: bool = False
-    #: login_trusted_networks: no penalty, and clients here may pass real IPs.
+    #: The per-IP auth penalty (Dovecot's anvil); false turns it off.
+    penalty: bool = True
+    #: Networks exempt from the penalty (like login_trusted_networks).
     trusted_networks: tuple[str, ...] = ()
     debug: bool = False
 

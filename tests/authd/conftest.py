@@ -16,6 +16,7 @@ REFERENCE_CONFIG = (
 [auth]
 mechanisms = ["plain", "login"]
 failure_delay = 0
+penalty = false
 
 [[passdb]]
 driver = "lua"

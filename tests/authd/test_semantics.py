@@ -75,6 +75,7 @@ CONFIG = (
     """
 [auth]
 failure_delay = 0
+penalty = false
 [[passdb]]
 driver = "lua"
 file = "semantics.lua"
@@ -244,7 +245,7 @@ def prefetch_authd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthdPr
         "end\n"
     )
     config = (
-        '[auth]\nfailure_delay = 0\n[[passdb]]\ndriver = "lua"\nfile = "p.lua"\n'
+        '[auth]\nfailure_delay = 0\npenalty = false\n[[passdb]]\ndriver = "lua"\nfile = "p.lua"\n'
         '[[userdb]]\ndriver = "prefetch"\n[lua]\nworkers = 1\n' + LISTENERS
     )
     proc = AuthdProcess(tmp_path_factory.mktemp("prefetch"), config, {"p.lua": script})

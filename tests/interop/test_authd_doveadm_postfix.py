@@ -47,6 +47,7 @@ CONFIG = (
 [auth]
 mechanisms = ["plain", "login"]
 failure_delay = 0
+penalty = false
 
 [[passdb]]
 driver = "lua"

@@ -63,6 +63,7 @@ CONFIG = (
 [auth]
 mechanisms = ["plain", "login"]
 failure_delay = 0
+penalty = false
 
 [[passdb]]
 driver = "lua"

@@ -183,7 +183,7 @@ def test_chain_matches_dovecot(workdir: Path, scenario: Scenario) -> None:
     auth_dovecot = "".join(f"auth_{key} = {value}\n" for key, value in scenario.auth.items())
     auth_toml = "".join(f'{key} = "{value}"\n' for key, value in scenario.auth.items())
     config = (
-        f"[auth]\nfailure_delay = 0\n{auth_toml}"
+        f"[auth]\nfailure_delay = 0\npenalty = false\n{auth_toml}"
         + "".join(db.authd("passdb", base) for db in scenario.passdbs)
         + "".join(db.authd("userdb", base) for db in scenario.userdbs)
         + "[lua]\nworkers = 1\n"
