@@ -104,7 +104,11 @@ class PassdbCache:
         else:
             scheme, stored = split_scheme(parts[0])
             ret = verify_password(
-                req, password, stored, scheme or "PLAIN", log_mismatch=not (hit.node.last_success or hit.negative_expired)
+                req,
+                password,
+                stored,
+                scheme or "PLAIN",
+                log_mismatch=not (hit.node.last_success or hit.negative_expired),
             )
             if ret == 0 and (hit.node.last_success or hit.negative_expired):
                 # The last login succeeded: the password probably changed. Ask the passdb.
@@ -185,5 +189,3 @@ class UserdbCache:
             if not value:
                 value = USER_KEY_IGNORE
         self.cache.insert(expand_key(req, template, db_id, user=req.translated_user), value, last_success=False)
-
-

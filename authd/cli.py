@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -34,7 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_dovecot_service(args)
     demo = args.config is None
     path = _demo_config() if demo else Path(args.config)
-    config = load_config(path)
+    # Under systemd socket activation the sockets come from the .socket units.
+    config = load_config(path, require_listeners="LISTEN_FDS" not in os.environ)
     configure(fmt="json" if args.json_logs else config.log.format, level=args.log_level or config.log.level)
     if demo:
         print(f"authd demo: config and script in {path.parent}/", file=sys.stderr)

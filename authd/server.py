@@ -12,20 +12,22 @@ import secrets
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 import trio
 
+from authd import systemd
 from authd.auth_request import AuthRequest, UsernameRules
-from authd.client_conn import ClientConnection
 from authd.cache import AuthCache
 from authd.cache_glue import PassdbCache, UserdbCache
+from authd.client_conn import ClientConnection
 from authd.databases import build_passdbs, build_userdbs
 from authd.failure_delay import FailureDelay
-from authd.penalty import PenaltyTracker
 from authd.listeners import open_listener
 from authd.lua_bridge import expand_context
 from authd.master_conn import MasterConnection, auth_token
+from authd.penalty import PenaltyTracker
 from config.schema import Config, ListenerSettings
 from lua_api.http import HttpExtension
 from lua_api.runtime import StateOptions
@@ -169,20 +171,20 @@ class Server:
         """Load scripts, open listeners and serve until cancelled or signalled."""
         await self.load()
         try:
-            if self._given_listeners is not None:
-                self.listeners = self._given_listeners
-            else:
-                self.listeners = [ListenerInfo(s, open_listener(s)) for s in self.config.listeners]
+            self.listeners = self._open_listeners()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.failure_delay.serve)
                 nursery.start_soon(self._expire_requests)
+                nursery.start_soon(systemd.watchdog)
                 for info in self.listeners:
                     nursery.start_soon(self._accept_loop, info, nursery)
                     log.info("listener.ready", type=info.settings.type, where=info.settings.where)
                 self.ready.set()
+                systemd.notify("READY=1\nSTATUS=serving")
                 task_status.started(self)
                 nursery.start_soon(self._wait_for_signal)
                 await self._shutdown.wait()
+                systemd.notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
         finally:
             for info in self.listeners:
@@ -193,6 +195,27 @@ class Server:
             with trio.CancelScope(shield=True):
                 await self.close()
             log.info("server.stopped")
+
+    def _open_listeners(self) -> list[ListenerInfo]:
+        """Inherited sockets (Dovecot service, systemd socket units) win over the config's."""
+        if self._given_listeners is not None:
+            return self._given_listeners
+        activated = systemd.activated_sockets()
+        if activated:
+            return [
+                ListenerInfo(
+                    ListenerSettings(
+                        type=a.type,
+                        path=Path(a.path) if a.path else None,
+                        address=a.address[0] if a.address else None,
+                        port=a.address[1] if a.address else None,
+                    ),
+                    trio.SocketListener(trio.socket.from_stdlib_socket(a.sock)),
+                    owned=False,
+                )
+                for a in activated
+            ]
+        return [ListenerInfo(s, open_listener(s)) for s in self.config.listeners]
 
     def shutdown(self, reason: str) -> None:
         """Stop serving: close listeners, end connections, deinit scripts."""
