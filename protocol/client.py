@@ -16,14 +16,16 @@ import enum
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocol.errors import PeerError, UsageError
 from protocol.escape import b64decode_strict, b64encode, split_tabescaped, tab_escape
 from protocol.events import (
+    AnonymousLoggedIn,
     Authenticated,
     AuthFailed,
     AuthStarted,
+    CertUsernameWanted,
     ClientConnected,
     ClientEvent,
     CredentialsWanted,
@@ -36,9 +38,12 @@ from protocol.events import (
 )
 from protocol.lines import LineBuffer
 from protocol.mechanisms.base import (
+    AnonymousLogin,
     Challenge,
+    Environment,
     Failure,
     Mechanism,
+    NeedCertUsername,
     NeedCredentials,
     NeedPassword,
     NeedUsername,
@@ -104,6 +109,8 @@ class HandshakeSettings:
     cookie: bytes
     #: Dovecot 2.4 style: send only VERSION until the client's VERSION arrives.
     wait_for_client_version: bool = False
+    #: Randomness, clock and host name for the mechanisms (CRAM-MD5, SCRAM).
+    environment: Environment = field(default_factory=Environment)
 
 
 class AuthClientServer:
@@ -228,7 +235,7 @@ class AuthClientServer:
             raise PeerError("Authentication client didn't specify service in request")
         if request_id in self._requests:
             raise PeerError(f"Authentication client sent a duplicate ID {request_id}")
-        request = _Request(request_id, mech_class(), parsed, None, self._clock())
+        request = _Request(request_id, mech_class(self.settings.environment), parsed, None, self._clock())
         self._requests[request_id] = request
         if initial_resp is not None:
             assert self.minor_version is not None
@@ -240,9 +247,7 @@ class AuthClientServer:
                 try:
                     request.initial = b64decode_strict(initial_resp)
                 except ValueError:
-                    return self._fail_now(
-                        request, b"Invalid base64 data in initial response", code=b"invalid_base64"
-                    )
+                    return self._fail_now(request, b"Invalid base64 data in initial response", code=b"invalid_base64")
         return [AuthStarted(request_id, mech_class.name, parsed)]
 
     def _handle_cont(self, args: bytes) -> list[ClientEvent]:
@@ -259,9 +264,7 @@ class AuthClientServer:
         try:
             decoded = b64decode_strict(data)
         except ValueError:
-            return self._fail_now(
-                request, b"Invalid base64 data in continued response", code=b"invalid_base64"
-            )
+            return self._fail_now(request, b"Invalid base64 data in continued response", code=b"invalid_base64")
         if request.state is _State.FINAL_ACK:
             self._send_ok(request)
             return []
@@ -302,6 +305,10 @@ class AuthClientServer:
             return [PasswordReceived(request.id, step.username, step.password, step.authzid)]
         if isinstance(step, NeedCredentials):
             return [CredentialsWanted(request.id, step.username, step.scheme, step.authzid)]
+        if isinstance(step, NeedCertUsername):
+            return [CertUsernameWanted(request.id)]
+        if isinstance(step, AnonymousLogin):
+            return [AnonymousLoggedIn(request.id, step.trace)]
         if isinstance(step, Success):
             request.server_final = step.server_final
             return [Authenticated(request.id)]
@@ -326,6 +333,14 @@ class AuthClientServer:
             return self._apply(request, Failure("Unexpected NUL in auth data"))
         return self._apply(request, request.mechanism.initial(initial))
 
+    def refuse(self, request_id: int, reason: bytes) -> list[ClientEvent]:
+        """Fail a request before its mechanism runs: an immediate FAIL with `reason`
+        (auth_request_handler_auth_fail, as for the client-certificate checks)."""
+        request = self._waiting(request_id, _State.NEW)
+        if request is None:
+            return []
+        return self._fail_now(request, reason)
+
     def username_result(self, request_id: int, accepted: bool) -> list[ClientEvent]:
         request = self._waiting(request_id, _State.SERVER)
         if request is None:
@@ -345,6 +360,13 @@ class AuthClientServer:
         if request is None:
             return []
         return self._apply(request, request.mechanism.credentials_result(verdict, credentials))
+
+    def cert_username_result(self, request_id: int, known: bool) -> list[ClientEvent]:
+        """Answer `CertUsernameWanted`: True if the request got a user name from the certificate."""
+        request = self._waiting(request_id, _State.SERVER)
+        if request is None:
+            return []
+        return self._apply(request, request.mechanism.cert_username_result(known))
 
     # --- final replies ---------------------------------------------------------
 

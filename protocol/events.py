@@ -95,7 +95,11 @@ class AuthStarted:
 
 @dataclass(frozen=True, slots=True)
 class UsernameReceived:
-    """The mechanism learned the user name early (LOGIN). Answer with `username_result()`."""
+    """Set the user name (auth_request_set_username) and answer with `username_result()`.
+
+    LOGIN sends it before its password prompt; SCRAM and OAuth send it only before a
+    failure that Dovecot reports with this `user=`.
+    """
 
     request_id: int
     username: bytes
@@ -103,25 +107,57 @@ class UsernameReceived:
 
 @dataclass(frozen=True, slots=True)
 class PasswordReceived:
-    """Verify this plaintext password. Answer with `password_result()`.
+    """Set the user name, then verify this plaintext password. Answer with `password_result()`.
 
-    `username` is None for mechanisms that take it from elsewhere (EXTERNAL).
+    OAUTHBEARER and XOAUTH2 send the bearer token as the password. EXTERNAL sends an
+    empty user name and password: like Dovecot, set the empty name, which the
+    certificate's user name overrides (so `original_user` becomes empty), then verify.
+    A non-empty `authzid` asks to log in as that user (auth_request_set_login_username).
     """
 
     request_id: int
-    username: bytes | None
+    username: bytes
     password: bytes
     authzid: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class CredentialsWanted:
-    """Look up the user's credentials in `scheme`. Answer with `credentials_result()`."""
+    """Set the user name, look up its credentials in `scheme`; answer with `credentials_result()`.
+
+    Hand over the credentials as passdb_get_credentials() produces them: decoded, and
+    converted from a plaintext password (authd.passwords.credentials()). CRAM-MD5 wants
+    the 32-byte HMAC-MD5 context, SCRAM-SHA-1/-256 `iterations,salt,StoredKey,ServerKey`
+    with the three values in base64. A non-empty `authzid` asks to log in as that user.
+    """
 
     request_id: int
     username: bytes
     scheme: str
     authzid: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CertUsernameWanted:
+    """EXTERNAL: does the request have a user name from the TLS client certificate?
+
+    That is `cert_username=` from the AUTH line, honoured only with
+    auth_ssl_username_from_cert. Answer with `cert_username_result()`.
+    """
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnonymousLoggedIn:
+    """ANONYMOUS succeeded without any passdb: set the user to the anonymous user name
+    (no checks or translations), count the passdb as successful, then call `succeed()`.
+
+    `trace` is what the client sent (NULs included), for the log only.
+    """
+
+    request_id: int
+    trace: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +190,8 @@ ClientEvent = (
     | UsernameReceived
     | PasswordReceived
     | CredentialsWanted
+    | CertUsernameWanted
+    | AnonymousLoggedIn
     | Authenticated
     | AuthFailed
     | RequestDropped

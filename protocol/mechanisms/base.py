@@ -1,8 +1,12 @@
-"""The step types mechanisms return and the base class they share."""
+"""The step types mechanisms return, the environment they see and the base class they share."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from protocol.errors import UsageError
@@ -18,16 +22,25 @@ class Challenge:
 
 @dataclass(frozen=True, slots=True)
 class NeedUsername:
-    """Ask the caller to accept the user name before going on."""
+    """Ask the caller to set (and so check) the user name before the mechanism goes on.
+
+    LOGIN asks before its password prompt; SCRAM and the OAuth mechanisms ask only when
+    they are about to fail after Dovecot has already set the name, because that name
+    then shows up as `user=` in the FAIL line.
+    """
 
     username: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class NeedPassword:
-    """Ask the caller to verify a plaintext password."""
+    """Ask the caller to set the user name, then verify a plaintext password.
 
-    username: bytes | None
+    EXTERNAL sends an empty user name, as Dovecot does: the name from the client
+    certificate, set when the request began, overrides it.
+    """
+
+    username: bytes
     password: bytes
     authzid: bytes = b""
 
@@ -39,6 +52,18 @@ class NeedCredentials:
     username: bytes
     scheme: str
     authzid: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class NeedCertUsername:
+    """EXTERNAL: ask whether the request has a user name from the TLS client certificate."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnonymousLogin:
+    """ANONYMOUS finished: the caller logs in the anonymous user; `trace` is only for the log."""
+
+    trace: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +81,20 @@ class Failure:
     internal: bool = False
 
 
-Step = Challenge | NeedUsername | NeedPassword | NeedCredentials | Success | Failure
+Step = Challenge | NeedUsername | NeedPassword | NeedCredentials | NeedCertUsername | AnonymousLogin | Success | Failure
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """What mechanisms take from the world outside the connection; tests pass fixed ones.
+
+    `random_bytes(n)` feeds the CRAM-MD5 challenge and the SCRAM server nonce, `clock`
+    (Unix time) and `hostname` the CRAM-MD5 challenge, as Dovecot's my_hostname.
+    """
+
+    random_bytes: Callable[[int], bytes] = os.urandom
+    clock: Callable[[], float] = time.time
+    hostname: bytes = field(default_factory=lambda: socket.gethostname().encode())
 
 
 class Mechanism:
@@ -67,6 +105,9 @@ class Mechanism:
     flags: ClassVar[tuple[str, ...]] = ()
     #: Mechanisms without MECH_SEC_ALLOW_NULS fail on any NUL in client data.
     allows_nuls: ClassVar[bool] = False
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
 
     def initial(self, data: bytes | None) -> Step:
         """Start the exchange; None means the AUTH line had no initial response."""
@@ -83,9 +124,17 @@ class Mechanism:
     def password_result(self, verdict: PassdbVerdict) -> Step:
         if verdict is PassdbVerdict.OK:
             return Success()
-        if verdict is PassdbVerdict.INTERNAL_FAILURE:
-            return Failure("internal failure", internal=True)
-        return Failure("authentication failed")
+        return verdict_failure(verdict)
 
     def credentials_result(self, verdict: PassdbVerdict, credentials: bytes) -> Step:
         raise UsageError(f"{self.name} never looks up credentials")
+
+    def cert_username_result(self, known: bool) -> Step:
+        raise UsageError(f"{self.name} never asks about certificate user names")
+
+
+def verdict_failure(verdict: PassdbVerdict) -> Failure:
+    """The Failure for a passdb answer that is not OK (what auth_request_fail/internal_failure mean)."""
+    if verdict is PassdbVerdict.INTERNAL_FAILURE:
+        return Failure("internal failure", internal=True)
+    return Failure("authentication failed")

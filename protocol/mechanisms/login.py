@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from protocol.mechanisms.base import Challenge, Failure, Mechanism, NeedPassword, NeedUsername, Step
+from protocol.mechanisms.base import (
+    Challenge,
+    Environment,
+    Failure,
+    Mechanism,
+    NeedPassword,
+    NeedUsername,
+    Step,
+)
 
 USERNAME_PROMPT = b"Username:"
 PASSWORD_PROMPT = b"Password:"
@@ -12,7 +20,8 @@ class Login(Mechanism):
     name = "LOGIN"
     flags = ("plaintext",)
 
-    def __init__(self) -> None:
+    def __init__(self, env: Environment) -> None:
+        super().__init__(env)
         self._username: bytes | None = None
 
     def initial(self, data: bytes | None) -> Step:

@@ -190,25 +190,16 @@ def test_invalid_base64_transcript() -> None:
     assert conn.receive_data(b"AUTH\t1\tPLAIN\tservice=smtp\tno-penalty\tresp=!!!notbase64\n") == [
         RequestDropped(1, "Invalid base64 data in initial response")
     ]
-    assert (
-        conn.data_to_send()
-        == b"FAIL\t1\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"
-    )
+    assert conn.data_to_send() == b"FAIL\t1\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"
     conn.receive_data(b"AUTH\t2\tPLAIN\tservice=smtp\tno-penalty\tresp=AGFsaWNlAGFsaWNlcGFzcw==\n")
     assert conn.begin(2) == [PasswordReceived(2, b"alice", b"alicepass", b"")]
     conn.receive_data(b"AUTH\t3\tPLAIN\tservice=smtp\tno-penalty\tresp=AGFsaWNlAGFsaWNlcGFzcw\n")
-    assert (
-        conn.data_to_send()
-        == b"FAIL\t3\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"
-    )
+    assert conn.data_to_send() == b"FAIL\t3\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"
     conn.receive_data(b"AUTH\t4\tPLAIN\tservice=smtp\tno-penalty\n")
     conn.begin(4)
     assert conn.data_to_send() == b"CONT\t4\t\n"
     conn.receive_data(b"CONT\t4\t@@@\n")
-    assert (
-        conn.data_to_send()
-        == b"FAIL\t4\tcode=invalid_base64\treason=Invalid base64 data in continued response\n"
-    )
+    assert conn.data_to_send() == b"FAIL\t4\tcode=invalid_base64\treason=Invalid base64 data in continued response\n"
 
 
 def test_cont_for_unknown_or_cancelled_id() -> None:
@@ -230,6 +221,21 @@ def test_unexpected_continuation() -> None:
     assert conn.receive_data(b"CONT\t2\tAAAA\n") == [RequestDropped(2, "Unexpected continuation")]
     assert conn.data_to_send() == b"FAIL\t2\treason=Unexpected continuation\n"
     assert conn.begin(2) == []  # the caller's late answer is ignored
+
+
+def test_refuse_before_the_mechanism_runs() -> None:
+    # auth_request_handler_auth_fail: at once, with the reason, no user, no delay
+    conn = connected()
+    conn.receive_data(b"AUTH\t7\tPLAIN\tservice=imap\tresp=AGFsaWNlAGFsaWNlcGFzcw==\n")
+    assert conn.refuse(7, b"Client didn't present valid SSL certificate") == [
+        RequestDropped(7, "Client didn't present valid SSL certificate")
+    ]
+    assert conn.data_to_send() == b"FAIL\t7\treason=Client didn't present valid SSL certificate\n"
+    assert conn.begin(7) == []
+    conn.receive_data(b"AUTH\t8\tPLAIN\tservice=imap\tresp=AGFsaWNlAGFsaWNlcGFzcw==\n")
+    conn.begin(8)
+    with pytest.raises(UsageError):
+        conn.refuse(8, b"too late: the mechanism runs")
 
 
 def test_empty_resp_depends_on_client_minor_version() -> None:

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.escape import b64decode_strict, split_tabescaped, tab_escape, tab_unescape
+from tests.protocol.replay import replay
 
 
 def test_escapes_every_special_byte() -> None:
@@ -46,6 +47,8 @@ def test_fields_round_trip(fields: list[bytes]) -> None:
         (b"YWxpY2U=", b"alice"),
         (b"YWxp Y2U=", b"alice"),  # whitespace is ignored
         (b"AGFsaWNlAGFsaWNlcGFzcw==", b"\x00alice\x00alicepass"),
+        (b"YQ= =\r\n", b"a"),  # even inside and after the padding
+        (b"YR==", b"a"),  # unused bits are not checked
     ],
 )
 def test_base64_accepts(data: bytes, decoded: bytes) -> None:
@@ -62,8 +65,16 @@ def test_base64_accepts(data: bytes, decoded: bytes) -> None:
         b"@@@",
         b"=",
         b"A",
+        b"YWJj=",  # padding after a complete quantum (Python's strict mode takes it)
+        b"YWJj==",
+        b"YQ=",
     ],
 )
 def test_base64_rejects(data: bytes) -> None:
     with pytest.raises(ValueError):
         b64decode_strict(data)
+
+
+def test_base64_on_the_wire_like_dovecot() -> None:
+    # transcripts/base64.txt, captured from Dovecot 2.3.19.1
+    assert replay("base64") == 5
