@@ -1,9 +1,11 @@
--- dovecot.http as Dovecot 2.3.19 defines it (lib-lua/dlua-dovecot-http.c): clients,
--- requests and responses are plain tables with raw method fields and an `item`,
--- and every check raises Dovecot's error text. submit() hands the request to authd
--- (lua_api/http.py) through the prelude's I/O hook and builds the response from
+-- dovecot.http as Dovecot 2.3.19 defines it (lib-lua/dlua-dovecot-http.c), or 2.4.1+
+-- for "2.4" states (other option names, set_payload's sync flag, request events):
+-- clients, requests and responses are plain tables with raw method fields and an
+-- `item`, and every check raises Dovecot's error text. submit() hands the request to
+-- authd (lua_api/http.py) through the prelude's I/O hook and builds the response from
 -- what comes back. Loaded once per state, after the prelude.
-local yield_io, io_kind, url_problems = ...
+local yield_io, io_kind, url_problems, dialect, client_settings_24 = ...
+local v24 = dialect == "2.4"
 
 local type, select, tostring, error, rawget, setmetatable, ipairs =
   type, select, tostring, error, rawget, setmetatable, ipairs
@@ -171,16 +173,45 @@ local function request_remove_header(...)
   if index then table_remove(request.headers, index) end
 end
 
+-- DLUA_REQUIRE_ARGS_IN
+local function require_args_in(got, min, max)
+  if got < min or got > max then
+    error(format("expected %d to %d arguments, got %d", min, max, got), 0)
+  end
+end
+
+-- set_payload(data): 2.3 always sends it with Expect: 100-continue; 2.4's
+-- set_payload(data [, sync]) only when sync is true.
 local function request_set_payload(...)
-  require_args(select("#", ...), 2)
-  local self, payload = ...
+  local nargs = select("#", ...)
+  if v24 then require_args_in(nargs, 2, 3) else require_args(nargs, 2) end
+  local self, payload, sync = ...
   local request = check_object(self, REQUEST)
-  payload = check_string(payload, 2)  -- 2.3 copies up to the first NUL
+  payload = check_string(payload, 2)  -- copied up to the first NUL
   check_open(request)
   if request.payload ~= nil then
     error("authd: the payload of this request was already set (Dovecot would crash here)", 2)
   end
   request.payload = payload
+  request.sync = not v24 or (sync ~= nil and sync ~= false)
+end
+
+-- 2.4.3+: the event a request logs with.
+local function request_set_event(...)
+  require_args(select("#", ...), 2)
+  local self, event = ...
+  local request = check_object(self, REQUEST)
+  if type(event) ~= "table" then
+    error(format("Bad argument #2, expected struct event got %s", type(event)), 0)
+  end
+  request.event = event
+end
+
+local function request_get_event(...)
+  require_args(select("#", ...), 1)
+  local request = check_object((...), REQUEST)
+  if request.event == nil then request.event = dovecot.event() end
+  return request.event
 end
 
 local function request_submit(...)
@@ -195,6 +226,7 @@ local function request_submit(...)
     headers = request.headers,
     headers_ever_set = request.ever_set,
     payload = request.payload,
+    sync = request.sync,
   }))
 end
 
@@ -238,6 +270,8 @@ local function client_request(...)
     remove_header = request_remove_header,
     set_payload = request_set_payload,
     submit = request_submit,
+    set_event = v24 and request_set_event or nil,
+    get_event = v24 and request_get_event or nil,
   }
 end
 
@@ -316,4 +350,27 @@ local function http_client(...)
   return {item = item, request = client_request}
 end
 
-dovecot.http = {client = http_client}
+-- 2.4: every key is an http_client_*, ssl_* or dns_client_* setting name; values
+-- are converted with tostring() and parsed like configuration (lua_api/http.py).
+local function http_client_v24(...)
+  require_args(select("#", ...), 1)
+  local options = ...
+  check_table(options, 1)
+  local given = {}
+  for key, value in next, options do
+    local kt, vt = type(key), type(value)
+    if kt ~= "string" and kt ~= "number" then
+      error(format("authd: an HTTP client setting name is a %s (Dovecot would crash here)", kt), 2)
+    end
+    local text = (vt == "string" or vt == "number") and c_string(tostring(value)) or false
+    given[#given + 1] = {c_string(tostring(key)), text}
+  end
+  local settings, problem, crash = client_settings_24(given)
+  if crash then error(format("authd: %s (Dovecot would crash here)", crash), 2) end
+  if problem then setting_error(problem) end
+  local item = {}
+  objects[item] = {kind = CLIENT, settings = settings}
+  return {item = item, request = client_request}
+end
+
+dovecot.http = {client = v24 and http_client_v24 or http_client}

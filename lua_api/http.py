@@ -12,8 +12,9 @@ which differ from Dovecot's, and its transport cannot take the network backend
 that reproduces Dovecot's connection handling (DNS errors, one address after the
 other, connect attempts with backoff, its error texts).
 
-`send_request()` and `new_connection_pool()` are independent of the Lua option
-names, so a 2.4 dialect can map its own options onto `ClientSettings`.
+`send_request()` and `new_connection_pool()` work on `ClientSettings`: 2.3 option
+tables come in through `ClientSettings.from_lua()`, 2.4 ones (setting names,
+values parsed like configuration) through `parse_client_settings_24()`.
 """
 
 from __future__ import annotations
@@ -428,6 +429,271 @@ class ClientSettings:
         )
 
 
+# --- Dovecot 2.4's option names (http_client_init_auto() with settings overrides) ----------
+
+#: http_client_* settings (http-client-settings.c, 2.4) by value type, named without the prefix.
+_HTTP_SETTINGS_24 = {
+    "dns_client_socket_path": "str",
+    "dns_ttl": "msecs",
+    "user_agent": "str",
+    "proxy_socket_path": "str",
+    "proxy_url": "str",
+    "proxy_username": "str",
+    "proxy_password": "str",
+    "rawlog_dir": "str",
+    "max_idle_time": "msecs",
+    "max_parallel_connections": "uint",
+    "max_pipelined_requests": "uint",
+    "auto_redirect": "bool",
+    "auto_retry": "bool",
+    "proxy_ssl_tunnel": "bool",
+    "request_max_redirects": "uint",
+    "request_max_attempts": "uint",
+    "read_request_max_attempts": "uint",
+    "write_request_max_attempts": "uint",
+    "delete_request_max_attempts": "uint",
+    "max_connect_attempts": "uint",
+    "connect_backoff_time": "msecs",
+    "connect_backoff_max_time": "msecs",
+    "response_hdr_max_size": "size",
+    "response_hdr_max_field_size": "size",
+    "response_hdr_max_fields": "uint",
+    "request_absolute_timeout": "msecs",
+    "request_timeout": "msecs",
+    "read_request_timeout": "msecs",
+    "write_request_timeout": "msecs",
+    "delete_request_timeout": "msecs",
+    "connect_timeout": "msecs",
+    "soft_connect_timeout": "msecs",
+    "max_auto_retry_delay": "secs",
+    "socket_send_buffer_size": "size",
+    "socket_recv_buffer_size": "size",
+}
+
+#: Names the ssl and dns_client settings accept too (2.4.4). Dovecot reads them only when
+#: it connects, so their values are not checked here; authd leaves TLS and DNS as they are.
+_OTHER_SETTINGS_24 = frozenset(
+    (
+        "ssl_client",
+        "ssl_server",
+        "ssl_client_ca_file",
+        "ssl_client_ca_dir",
+        "ssl_client_cert_file",
+        "ssl_client_key_file",
+        "ssl_client_key_password",
+        "ssl_cipher_list",
+        "ssl_cipher_suites",
+        "ssl_curve_list",
+        "ssl_min_protocol",
+        "ssl_crypto_device",
+        "ssl_client_require_valid_cert",
+        "ssl_options",
+        "ssl_peer_certificate_fingerprint_hash",
+        "base_dir",
+        "dns_client_timeout",
+    )
+)
+
+_UINT_MAX = 0xFFFFFFFF
+_UINTMAX_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+class SettingsError(ValueError):
+    """A Dovecot 2.4 option table Dovecot rejects; the message follows "Invalid HTTP client setting: "."""
+
+
+def _leading_number(text: str) -> tuple[int, str] | None:
+    """str_parse_uintmax(): the leading decimal digits (None if none or too large) and the rest."""
+    digits = len(text) - len(text.lstrip("0123456789"))
+    if digits == 0 or not text[:digits].isascii() or int(text[:digits]) > _UINTMAX_MAX:
+        return None
+    return int(text[:digits]), text[digits:]
+
+
+def _prefix_of(text: str, *words: str) -> bool:
+    """str_begins_icase_with(word, text): `text` is a (case-insensitive) prefix of a word."""
+    return any(word.startswith(text.lower()) for word in words)
+
+
+def parse_interval(text: str, *, milliseconds: bool) -> int:
+    """str_parse_get_interval(_msecs)(): "2s", "100ms", "5 mins"... in seconds or msecs."""
+    parsed = _leading_number(text)
+    if parsed is None:
+        raise SettingsError(f"Invalid time interval: {text}")
+    number, rest = parsed
+    rest = rest.lstrip(" ")
+    if rest == "" and number != 0:
+        raise SettingsError(f"Time interval '{text}' is missing units (add e.g. 's' for seconds)")
+    multiply = 1000 if milliseconds else 1
+    unit = rest[:1].upper()
+    if unit == "S":
+        rest = "" if _prefix_of(rest, "secs", "seconds") else rest
+    elif unit == "M":
+        multiply *= 60
+        if _prefix_of(rest, "mins", "minutes"):
+            rest = ""
+        elif _prefix_of(rest, "msecs", "mseconds", "millisecs", "milliseconds"):
+            if not milliseconds and number % 1000 != 0:
+                raise SettingsError(f"Milliseconds not supported for this setting: {text}")
+            number = number if milliseconds else number // 1000
+            multiply, rest = 1, ""
+    elif unit == "H":
+        multiply *= 60 * 60
+        rest = "" if _prefix_of(rest, "hours") else rest
+    elif unit == "D":
+        multiply *= 60 * 60 * 24
+        rest = "" if _prefix_of(rest, "days") else rest
+    elif unit == "W":
+        multiply *= 60 * 60 * 24 * 7
+        rest = "" if _prefix_of(rest, "weeks") else rest
+    if rest != "":
+        raise SettingsError(f"Invalid time interval: {text}")
+    if number > _UINT_MAX // multiply:
+        raise SettingsError(f"Time interval is too large: {text}")
+    return number * multiply
+
+
+def _parse_size(text: str) -> int:
+    """str_parse_get_size(): "10k", "2 MiB", "512"."""
+    parsed = _leading_number(text)
+    if parsed is None:
+        raise SettingsError(f"Invalid size: {text}")
+    number, rest = parsed
+    rest = rest.lstrip(" ")
+    multiply = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(rest[:1].upper())
+    if multiply is not None:
+        rest = rest[1:]
+        if multiply > 1:
+            rest = rest[1:] if rest[:1].upper() == "I" else rest
+            rest = rest[1:] if rest[:1].upper() == "B" else rest
+    if rest != "":
+        raise SettingsError(f"Invalid size: {text}")
+    if number > _UINTMAX_MAX // (multiply or 1):
+        raise SettingsError(f"Size is too large: {text}")
+    return number * (multiply or 1)
+
+
+def _parse_value(kind: str, text: str) -> Any:
+    """settings_parse() for one value: a str, an int (uint, msecs, secs, size) or a bool."""
+    if kind == "str":
+        return text
+    if kind == "bool":
+        if text.lower() in ("yes", "y") or text == "1":
+            return True
+        if text.lower() == "no":
+            return False
+        raise SettingsError(f"Invalid boolean value: {text} (use yes or no)")
+    if text in ("unlimited", "infinite"):
+        return _UINT_MAX if kind != "size" else _UINTMAX_MAX
+    if kind == "uint":
+        if not (text.isascii() and text.isdigit()):
+            raise SettingsError(f"Invalid number {text}: Not a valid number")
+        if int(text) > _UINT_MAX:
+            raise SettingsError(f"Invalid number {text}: Number too large")
+        return int(text)
+    if kind == "size":
+        return _parse_size(text)
+    return parse_interval(text, milliseconds=kind == "msecs")
+
+
+@dataclass(frozen=True)
+class ClientSettings24:
+    """A 2.4 client's settings: Dovecot's http_client_settings, with its per-method overrides."""
+
+    settings: ClientSettings
+    #: method -> (max_attempts, request timeout msecs); 0 keeps the client-wide value.
+    per_method: tuple[tuple[frozenset[bytes], int, int], ...] = ()
+
+    def for_method(self, method: bytes) -> ClientSettings:
+        """http_client_request_new(): GET/HEAD, PUT/POST and DELETE may have their own limits."""
+        for methods, attempts, timeout in self.per_method:
+            if method.upper() in methods:
+                return replace(
+                    self.settings,
+                    max_attempts=attempts or self.settings.max_attempts,
+                    request_timeout_msecs=timeout or self.settings.request_timeout_msecs,
+                )
+        return self.settings
+
+
+def parse_client_settings_24(options: list[tuple[str, str | None]]) -> ClientSettings24:
+    """dovecot.http.client{} in 2.4: names, then values, then http_client_settings_check().
+
+    `options` are the table's (key, tostring(value)) pairs in lua_next() order, value
+    None where Lua has no string for it. Raises SettingsError with Dovecot's text.
+    """
+    wanted = [(key, value) for key, value in options if key != "event_parent"]
+    for key, _ in wanted:
+        if key not in _HTTP_SETTINGS_24 and key not in _OTHER_SETTINGS_24:
+            raise SettingsError(f"{key} is unknown setting")
+    values: dict[str, Any] = {}
+    for key, text in wanted:
+        if text is None:
+            raise TypeError(f"the HTTP client setting {key} is not a string or number")
+        kind = _HTTP_SETTINGS_24.get(key)
+        if kind is None:
+            continue
+        try:
+            values[key] = _parse_value(kind, text)
+        except SettingsError as exc:
+            raise SettingsError(f"{key}={text}: {exc}") from None
+    return _settings_24(values)
+
+
+def _settings_24(values: dict[str, Any]) -> ClientSettings24:
+    def get(name: str, default: Any) -> Any:
+        return values.get(name, default)
+
+    invalid = "http_client settings: Invalid settings: "
+    proxy = None
+    if get("proxy_url", ""):
+        try:
+            proxy = parse_http_url(values["proxy_url"].encode("latin-1"), allow_userinfo=False)
+        except UrlError as exc:
+            raise SettingsError(f"{invalid}Invalid http_client_proxy_url: {exc}") from None
+        if get("proxy_username", ""):
+            user = values["proxy_username"].encode("latin-1")
+            proxy = replace(proxy, user=user, password=get("proxy_password", "").encode("latin-1"))
+    checks = (
+        ("request_max_attempts", 1, "request_max_attempts must not be 0"),
+        ("max_pipelined_requests", 1, "http_client_max_pipelined_requests must not be 0"),
+        ("max_parallel_connections", 1, "http_client_max_parallel_connections must not be 0"),
+        ("connect_backoff_time", 100, "http_client_connect_backoff_time_msecs must not be 0"),
+    )
+    for name, default, text in checks:
+        if get(name, default) == 0:
+            raise SettingsError(invalid + text)
+    backoff, backoff_max = get("connect_backoff_time", 100), get("connect_backoff_max_time", 60_000)
+    if backoff_max < backoff:
+        raise SettingsError(
+            f"{invalid}http_client_connect_backoff_time_msecs ({backoff_max}) must not be smaller than "
+            f"http_client_connect_backoff_max_time_msecs ({backoff})"
+        )
+    if get("request_timeout", 60_000) == 0:
+        raise SettingsError(invalid + "http_client_request_timeout_msecs must not be 0")
+    settings = ClientSettings(
+        user_agent=get("user_agent", "").encode("latin-1") or None,
+        max_idle_time_msecs=get("max_idle_time", 0),
+        no_auto_redirect=not get("auto_redirect", True),
+        no_auto_retry=not get("auto_retry", True),
+        max_redirects=get("request_max_redirects", 0),
+        max_attempts=get("request_max_attempts", 1),
+        max_connect_attempts=get("max_connect_attempts", 0),
+        connect_backoff_time_msecs=backoff,
+        connect_backoff_max_time_msecs=backoff_max,
+        request_absolute_timeout_msecs=get("request_absolute_timeout", 0),
+        request_timeout_msecs=get("request_timeout", 60_000),
+        connect_timeout_msecs=get("connect_timeout", 0),
+        max_auto_retry_delay_secs=get("max_auto_retry_delay", 0),
+        proxy_url=proxy,
+    )
+    per_method = tuple(
+        (frozenset(methods), get(f"{prefix}_request_max_attempts", 0), get(f"{prefix}_request_timeout", 0))
+        for prefix, methods in (("read", (b"GET", b"HEAD")), ("write", (b"PUT", b"POST")), ("delete", (b"DELETE",)))
+    )
+    return ClientSettings24(settings, per_method)
+
+
 @dataclass(frozen=True)
 class HttpRequest:
     """One request as the script built it."""
@@ -437,6 +703,8 @@ class HttpRequest:
     headers: tuple[tuple[bytes, bytes], ...] = ()  # the script's own, in order
     headers_ever_set: frozenset[bytes] = frozenset()  # lower-case names; removing one keeps it here
     payload: bytes | None = None
+    #: Send a payload with Expect: 100-continue (2.3 always; 2.4 when set_payload's 3rd arg is true).
+    expect_continue: bool = True
 
     @classmethod
     def from_lua(cls, spec: Mapping[bytes, Any]) -> HttpRequest:
@@ -446,6 +714,7 @@ class HttpRequest:
             headers=tuple((pair[1], pair[2]) for pair in _lua_array(spec.get(b"headers"))),
             headers_ever_set=frozenset(_lua_array(spec.get(b"headers_ever_set"))),
             payload=spec.get(b"payload"),
+            expect_continue=spec.get(b"sync") is not False,
         )
 
 
@@ -660,8 +929,7 @@ class _Stream(httpcore.AsyncNetworkStream):
         except httpcore.ConnectError as exc:
             raise _Failure(
                 RequestError.CONNECT_FAILED,
-                f"SSL handshaking with {self.name} failed: "
-                f"read(SSL {self.label}) failed: {_tls_error_text(exc)}",
+                f"SSL handshaking with {self.name} failed: read(SSL {self.label}) failed: {_tls_error_text(exc)}",
             ) from None
         return _Stream(inner, self.name, self._conn_id, self.connected)
 
@@ -747,9 +1015,7 @@ class _Network(httpcore.AsyncNetworkBackend):
         await trio.sleep(seconds)
 
 
-def new_connection_pool(
-    settings: ClientSettings, ssl_context: ssl.SSLContext
-) -> httpcore.AsyncConnectionPool:
+def new_connection_pool(settings: ClientSettings, ssl_context: ssl.SSLContext) -> httpcore.AsyncConnectionPool:
     """Keep-alive connections for clients that share a proxy and an idle time."""
     proxy = None
     if settings.proxy_url is not None:
@@ -843,9 +1109,7 @@ async def _send_once(
     scheme = b"https" if url.have_ssl else b"http"
     proxied = settings.proxy_url is not None and not url.have_ssl  # httpcore makes the target absolute
     request_target = url.absolute if redirected and not proxied else url.target
-    wire_url = httpcore.URL(
-        scheme=scheme, host=url.connect_host, port=url.port or None, target=request_target
-    )
+    wire_url = httpcore.URL(scheme=scheme, host=url.connect_host, port=url.port or None, target=request_target)
     extensions = {"timeout": timeouts}
     wire = httpcore.Request(method, wire_url, headers=headers, content=payload or b"", extensions=extensions)
     try:
@@ -915,7 +1179,7 @@ async def _run(
 ) -> HttpResponse:
     """Send until there is an answer for the script: retries and redirects as Dovecot does them."""
     method, url, payload = request.method, request.url, request.payload
-    expect_continue = bool(payload)  # 2.3's dlua set_payload() always asks for 100-continue
+    expect_continue = bool(payload) and request.expect_continue
     date = email.utils.formatdate(usegmt=True).encode()
     redirects = 0
     while True:
@@ -989,6 +1253,14 @@ def _url_problems(url: bytes) -> tuple[bytes | None, bytes | None]:
     return None, None
 
 
+def _settings(payload: Mapping[bytes, Any]) -> ClientSettings:
+    """The settings a submitted request goes out with: 2.3 option tables or 2.4 parsed settings."""
+    raw = payload[b"settings"]
+    if isinstance(raw, ClientSettings24):
+        return raw.for_method(payload[b"method"])
+    return ClientSettings.from_lua(raw)
+
+
 _PoolKey = tuple[HttpUrl | None, int]
 
 
@@ -1014,10 +1286,31 @@ class HttpExtension:
         return self._ssl_context
 
     def install(self, state: LuaState) -> None:
-        state.lua.execute(_lua_code(), state.api[b"yield_io"], self.kind, _url_problems, name="=authd-http")
+        def client_settings_24(options: Any) -> tuple[Any, bytes | None, bytes | None]:
+            """For http.lua: (settings, None, None), (None, Dovecot's error, None) or (None, None, crash)."""
+            pairs = [
+                (key.decode("latin-1"), value.decode("latin-1") if isinstance(value, bytes) else None)
+                for key, value in (state.to_python(options[i]).values() for i in range(1, len(options) + 1))
+            ]
+            try:
+                return parse_client_settings_24(pairs), None, None
+            except SettingsError as exc:
+                return None, str(exc).encode("latin-1"), None
+            except TypeError as exc:
+                return None, None, str(exc).encode("latin-1")
+
+        state.lua.execute(
+            _lua_code(),
+            state.api[b"yield_io"],
+            self.kind,
+            _url_problems,
+            state.options.dialect.encode(),
+            client_settings_24,
+            name="=authd-http",
+        )
 
     async def perform(self, payload: Mapping[bytes, Any]) -> dict[bytes, Any]:
-        settings = ClientSettings.from_lua(payload[b"settings"])
+        settings = _settings(payload)
         key = (settings.proxy_url, settings.max_idle_time_msecs)
         pool = self._pools.get(key)
         if pool is None:
@@ -1052,7 +1345,7 @@ class HttpExtension:
 
     async def _perform_alone(self, payload: Mapping[bytes, Any]) -> dict[bytes, Any]:
         """One request on a connection of its own (a private loop cannot use the daemon's)."""
-        settings = ClientSettings.from_lua(payload[b"settings"])
+        settings = _settings(payload)
         pool = new_connection_pool(settings, self.ssl_context)
         try:
             response = await send_request(pool, settings, HttpRequest.from_lua(payload))

@@ -1,17 +1,23 @@
--- The Dovecot side of the world as an auth script sees it (Dovecot 2.3 lib-lua),
--- plus the few hooks authd needs to drive entry points. Runs once per Lua state,
--- before the script's main chunk. `host` holds the Python callables.
+-- The Dovecot side of the world as an auth script sees it (Dovecot 2.3.19 lib-lua,
+-- or 2.4.1+ when the script's dialect is "2.4"), plus the few hooks authd needs to
+-- drive entry points. Runs once per Lua state, before the script's main chunk.
+-- `host` holds the Python callables (lua_api/runtime.py, lua_api/library.py).
 local host = ...
 
-local type, select, tostring, tonumber, error, pcall, xpcall, rawget, setmetatable =
-  type, select, tostring, tonumber, error, pcall, xpcall, rawget, setmetatable
-local traceback = debug.traceback
+local type, select, tostring, tonumber, error, pcall, xpcall, rawget, rawset, setmetatable =
+  type, select, tostring, tonumber, error, pcall, xpcall, rawget, rawset, setmetatable
+local traceback, getinfo = debug.traceback, debug.getinfo
+local format, find, sub, gsub = string.format, string.find, string.sub, string.gsub
+local concat = table.concat
 local coroutine = coroutine
 local unpack = table.unpack or unpack
 local math_tointeger = math.tointeger or function(x)
   if x == math.floor(x) and x >= -2^63 and x < 2^63 then return x end
   return nil
 end
+
+-- "2.3" or "2.4": which Dovecot's Lua API this state offers.
+local v24 = host.dialect == "2.4"
 
 python = nil
 
@@ -22,28 +28,69 @@ if os then
   end
 end
 
+-- DLUA_REQUIRE_ARGS: Dovecot's own errors (its luaL_error) carry no position.
 local function check_args(n, expected)
   if n ~= expected then
-    error(string.format("expected %d arguments, got %d", expected, n), 3)
+    error(format("expected %d arguments, got %d", expected, n), 0)
   end
 end
 
--- luaL_checkstring: strings and numbers pass (numbers become strings).
-local function check_string(value, argn, fname)
+local function check_args_in(n, min, max)
+  if n < min or n > max then
+    error(format("expected %d to %d arguments, got %d", min, max, n), 0)
+  end
+end
+
+-- luaL_argerror for the API function that called the checker that called this
+-- (level 3), reported at the line that called the API function (level 4). Like
+-- Lua, a method call does not count self, and a function called without a name
+-- (from pcall, or as a tail call) is '?'.
+local function arg_error(argn, message)
+  local info = getinfo(3, "n")
+  local name = info and info.name or "?"
+  if info and info.namewhat == "method" then
+    argn = argn - 1
+    if argn == 0 then
+      error(format("calling '%s' on bad self (%s)", name, message), 4)
+    end
+  end
+  error(format("bad argument #%d to '%s' (%s)", argn, name, message), 4)
+end
+
+-- luaL_typename as luaL_typeerror shows it: the metatable's __name if it has one.
+local function type_name(value)
+  local mt = debug.getmetatable(value)
+  local name = mt and rawget(mt, "__name")
+  if type(name) == "string" then return name end
+  return type(value)
+end
+
+-- luaL_checkstring: strings and numbers pass (numbers become strings). `value` nil
+-- reads as a missing argument unless `present` says it was passed.
+local function check_string(value, argn, present)
   local t = type(value)
   if t == "string" then return value end
   if t == "number" then return tostring(value) end
-  error(string.format("bad argument #%d to '%s' (string expected, got %s)",
-    argn, fname, t == "nil" and "no value" or t), 3)
+  local shown = (t == "nil" and not present) and "no value" or type_name(value)
+  arg_error(argn, "string expected, got " .. shown)
 end
 
-local function check_integer(value, argn, fname)
+-- luaL_checkinteger: integral numbers and strings that convert to them (callers
+-- have checked the argument count, so nil was passed).
+local function check_integer(value, argn)
   local n = tonumber(value)
-  local i = n and math_tointeger(n)
-  if i == nil then
-    error(string.format("bad argument #%d to '%s' (number has no integer representation)", argn, fname), 3)
+  if n == nil or (type(value) ~= "number" and type(value) ~= "string") then
+    arg_error(argn, "number expected, got " .. type_name(value))
   end
+  local i = math_tointeger(n)
+  if i == nil then arg_error(argn, "number has no integer representation") end
   return i
+end
+
+-- C strings end at the first NUL.
+local function c_string(s)
+  local nul = find(s, "\0", 1, true)
+  return nul and sub(s, 1, nul - 1) or s
 end
 
 ---------------------------------------------------------------------------
@@ -55,7 +102,7 @@ dovecot = setmetatable({}, dovecot_methods)
 for level, name in ipairs({"i_debug", "i_info", "i_warning", "i_error"}) do
   dovecot_methods[name] = function(...)
     check_args(select("#", ...), 1)
-    host.log(level - 1, check_string((...), 1, name))
+    host.log(level - 1, check_string((...), 1, true))
   end
 end
 
@@ -86,31 +133,31 @@ end
 function dovecot_methods.has_flag(...)
   check_args(select("#", ...), 2)
   local value, flag = ...
-  value, flag = check_integer(value, 1, "has_flag"), check_integer(flag, 2, "has_flag")
+  value, flag = check_integer(value, 1), check_integer(flag, 2)
   return band(value, flag) == flag
 end
 
 function dovecot_methods.set_flag(...)
   check_args(select("#", ...), 2)
   local value, flag = ...
-  return bor(check_integer(value, 1, "set_flag"), check_integer(flag, 2, "set_flag"))
+  return bor(check_integer(value, 1), check_integer(flag, 2))
 end
 
 function dovecot_methods.clear_flag(...)
   check_args(select("#", ...), 2)
   local value, flag = ...
-  return band(check_integer(value, 1, "clear_flag"), bnot(check_integer(flag, 2, "clear_flag")))
+  return band(check_integer(value, 1), bnot(check_integer(flag, 2)))
 end
 
 local strict_globals = {
   __index = function(_, name)
-    error("attempt to write to read undeclared global variable " .. tostring(name), 2)
+    error("attempt to write to read undeclared global variable " .. check_string(name, 2), 0)
   end,
   __newindex = function(t, name, value)
     if type(value) == "function" then
       rawset(t, name, value)
     else
-      error("attempt to write to undeclared global variable " .. tostring(name), 2)
+      error("attempt to write to undeclared global variable " .. check_string(name, 2), 0)
     end
   end,
 }
@@ -122,6 +169,12 @@ function dovecot_methods.restrict_global_variables(...)
   else
     setmetatable(_G, {})
   end
+end
+
+-- Is _G under restrict_global_variables(true)? (Dovecot then panics on a missing
+-- entry point: its lua_getglobal runs the erroring __index outside any pcall.)
+local function globals_restricted()
+  return getmetatable(_G) == strict_globals
 end
 
 -- Result codes are pushed with lua_pushnumber in Dovecot: floats (tostring gives "1.0").
@@ -143,14 +196,272 @@ auth_meta.__index = auth_meta
 dovecot.auth = setmetatable(auth_values, auth_meta)
 
 ---------------------------------------------------------------------------
+-- Events (dlua-dovecot.c): tables with an `item` whose metatable holds the
+-- methods. What Dovecot keeps in the C event lives in `events`, keyed by item:
+-- its parent, its own log prefix, the request it belongs to (req:event()), its
+-- name and fields. Log lines carry the prefixes of the event and its parents up
+-- to the first one that replaced them.
+local EVENT, PASSTHROUGH = "struct event", "struct event_passthrough"
+local event_methods = {__name = EVENT}
+event_methods.__index = event_methods
+local passthrough_methods = {__name = PASSTHROUGH}
+passthrough_methods.__index = passthrough_methods
+local events = setmetatable({}, {__mode = "k"})
+-- The passthrough event that was created and not logged yet (there is one per
+-- process in Dovecot; a second one, or a method call on a logged one, crashes 2.3).
+local pending_passthrough
+
+local function new_event(parent, fields)
+  local data = {parent = parent, request = parent and parent.request, fields = {}}
+  for k, v in pairs(fields or {}) do data[k] = v end
+  local item = {}
+  events[item] = data
+  return item, data
+end
+
+local function push_event(item)
+  return setmetatable({item = item}, event_methods)
+end
+
+-- dlua_check_event / dlua_check_event_passthrough
+local function check_event(self, kind)
+  if type(self) ~= "table" then
+    error(format("Bad argument #1, expected %s got %s", EVENT, type(self)), 0)
+  end
+  local data = events[rawget(self, "item")]
+  if data == nil or (data.passthrough == true) ~= (kind == PASSTHROUGH) then
+    error(format("authd: Bad argument #1, expected %s (Dovecot would crash on this table)", kind), 3)
+  end
+  if data.passthrough and data.logged then
+    error("authd: this passthrough event was already logged (Dovecot would crash here)", 3)
+  end
+  return data
+end
+
+local function log_prefix(data)
+  local parts = {}
+  while data do
+    if data.prefix then table.insert(parts, 1, data.prefix) end
+    if data.replace then break end
+    data = data.parent
+  end
+  return concat(parts)
+end
+
+local function event_log(data, level, message)
+  local chain, fields, debug = {}, {}, false
+  local d = data
+  while d do chain[#chain + 1] = d d = d.parent end
+  for i = #chain, 1, -1 do
+    for k, v in pairs(chain[i].fields) do fields[k] = v end
+    if chain[i].forced_debug ~= nil then debug = chain[i].forced_debug end
+  end
+  host.event_log(level, log_prefix(data) .. message, data.request, data.name, fields, debug)
+end
+
+-- "file.lua", line of the script code that called the API function (dlua_get_file_line)
+local function caller_location()
+  local info = getinfo(3, "Sl")
+  if info == nil then return "<non-file location>", 0 end
+  local source = info.source or ""
+  local file
+  if sub(source, 1, 1) ~= "@" then
+    file = "<non-file location>"
+  else
+    file = source:match("([^/]*)$")
+  end
+  return file, info.currentline or 0
+end
+
+-- The methods both kinds of event objects have; `kind` picks the checker. `spec`
+-- lists the argument checks after self (luaL_checkstring / luaL_checkinteger).
+local function define_event_methods(methods, kind)
+  local function method(name, spec, body)
+    local nargs = #spec + 1
+    methods[name] = function(...)
+      check_args(select("#", ...), nargs)
+      local self, a, b = ...
+      local data = check_event(self, kind)
+      if spec[1] then a = c_string(check_string(a, 2, true)) end
+      if spec[2] == "string" then
+        b = c_string(check_string(b, 3, true))
+      elseif spec[2] == "integer" then
+        b = check_integer(b, 3)
+      end
+      body(data, a, b)
+      return self
+    end
+  end
+  method("append_log_prefix", {"string"}, function(data, prefix)
+    data.prefix, data.replace = prefix, false
+  end)
+  method("replace_log_prefix", {"string"}, function(data, prefix)
+    data.prefix, data.replace = prefix, true
+  end)
+  -- Dovecot shows the source location only in exported events: nothing to keep here.
+  method("set_always_log_source", {}, function() end)
+  method("set_name", {"string"}, function(data, name) data.name = name end)
+  method("add_str", {"string", "string"}, function(data, key, value) data.fields[key] = value end)
+  method("add_int", {"string", "integer"}, function(data, key, value) data.fields[key] = value end)
+  -- add_timeval takes whole seconds, as Dovecot reads it
+  method("add_timeval", {"string", "integer"}, function(data, key, value) data.fields[key] = value end)
+  method("inc_int", {"string", "integer"}, function(data, key, value)
+    local old = data.fields[key]
+    data.fields[key] = (type(old) == "number" and old or 0) + value
+  end)
+  for level, name in ipairs({"log_debug", "log_info", "log_warning", "log_error"}) do
+    method(name, {"string"}, function(data, message)
+      if data.passthrough then
+        data.logged = true
+        if pending_passthrough == data then pending_passthrough = nil end
+      end
+      event_log(data, level - 1, message)
+    end)
+  end
+end
+
+define_event_methods(event_methods, EVENT)
+define_event_methods(passthrough_methods, PASSTHROUGH)
+
+if v24 then
+  -- 2.4.1+ events can force debug logging for themselves and their children.
+  for name, value in pairs({set_forced_debug = true, unset_forced_debug = false}) do
+    event_methods[name] = function(...)
+      check_args(select("#", ...), 1)
+      local self = ...
+      check_event(self, EVENT).forced_debug = value
+      return self
+    end
+  end
+end
+
+function event_methods.passthrough_event(...)
+  check_args(select("#", ...), 1)
+  local self = ...
+  local parent = check_event(self, EVENT)
+  local file, line = caller_location()
+  if pending_passthrough then
+    if not v24 then
+      error("authd: Can't create multiple passthrough events - finish the earlier with a log call "
+        .. "(Dovecot would crash here)", 2)
+    end
+    host.log(3, format("Passthrough event leaked by Lua script at %s:%d",
+      pending_passthrough.file, pending_passthrough.line))
+  end
+  local item, data = new_event(parent, {passthrough = true, file = file, line = line})
+  pending_passthrough = data
+  return setmetatable({item = item}, passthrough_methods)
+end
+
+-- dovecot.event([parent]): a child of the script's event or of `parent`.
+function dovecot_methods.event(...)
+  check_args_in(select("#", ...), 0, 1)
+  local parent
+  if select("#", ...) == 1 then parent = check_event((...), EVENT) end
+  return push_event((new_event(parent)))
+end
+
+-- auth_*_get_cache_key() as Script calls it: code 0 and the hook's one result, so the
+-- "lookup" describer reports the value's type (and text, for strings and numbers).
+local function cache_key_hook(name)
+  local value = _G[name]()
+  return 0, value
+end
+
+-- After a call: the passthrough event it left unlogged, as "file:line" (and forget it).
+local function passthrough_leak()
+  local data = pending_passthrough
+  pending_passthrough = nil
+  if data then return data.file .. ":" .. data.line end
+end
+
+---------------------------------------------------------------------------
+-- 2.4's additions to the dovecot table.
+if v24 then
+  function dovecot_methods.gettimeofday()
+    local sec, usec = host.gettimeofday()
+    return {tv_sec = sec, tv_usec = usec}
+  end
+
+  function dovecot_methods.nanoseconds() return host.nanoseconds() end
+
+  function dovecot_methods.microseconds() return host.microseconds() end
+
+  function dovecot_methods.net_ip_family(...)
+    check_args(select("#", ...), 1)
+    return host.net_ip_family(check_string((...), 1, true))
+  end
+
+  local tab_escapes = {["\1"] = "\0011", ["\t"] = "\1t", ["\r"] = "\1r", ["\n"] = "\1n"}
+  local tab_unescapes = {["0"] = "\0", ["1"] = "\1", t = "\t", r = "\r", n = "\n"}
+
+  -- t_str_tabunescape on a C string; the result is pushed as a C string again.
+  local function tab_unescape(s)
+    return c_string((gsub(s, "\1(.?)", function(c) return tab_unescapes[c] or c end)))
+  end
+
+  function dovecot_methods.tabescape(...)
+    check_args(select("#", ...), 1)
+    local s = c_string(check_string((...), 1, true))
+    return (gsub(s, "[\1\t\r\n]", tab_escapes))
+  end
+
+  function dovecot_methods.tabunescape(...)
+    check_args(select("#", ...), 1)
+    return tab_unescape(c_string(check_string((...), 1, true)))
+  end
+
+  function dovecot_methods.split_tabescaped(...)
+    check_args(select("#", ...), 1)
+    local s = c_string(check_string((...), 1, true))
+    local out = {}
+    if s == "" then return out end
+    local start = 1
+    while true do
+      local tab = find(s, "\t", start, true)
+      out[#out + 1] = tab_unescape(sub(s, start, (tab or 0) - 1))
+      if not tab then break end
+      start = tab + 1
+    end
+    return out
+  end
+
+  function dovecot_methods.var_expand(...)
+    check_args(select("#", ...), 1)
+    local template = c_string(check_string((...), 1, true))
+    local ok, value = host.dovecot_var_expand(template)
+    if not ok then error(format("failed to expand '%s': %s", template, value), 0) end
+    return value
+  end
+
+  dovecot.base64 = {
+    encode = function(...)
+      check_args(select("#", ...), 1)
+      return host.base64_encode(check_string((...), 1, true))
+    end,
+    decode = function(...)
+      check_args(select("#", ...), 1)
+      return host.base64_decode(check_string((...), 1, true))
+    end,
+  }
+
+  -- Constants of builds with yield support; their objects are not reachable from auth.
+  dovecot.dict = {ITERATE_FLAG_RECURSE = 1.0, ITERATE_FLAG_SORT_BY_KEY = 2.0,
+    ITERATE_FLAG_SORT_BY_VALUE = 4.0, ITERATE_FLAG_NO_VALUE = 8.0, ITERATE_FLAG_EXACT_KEY = 16.0,
+    ITERATE_FLAG_ASYNC = 32.0}
+  dovecot.doveadm_client = {DOVEADM_PROXY_TTL = 5.0}
+end
+
+---------------------------------------------------------------------------
 -- The request object: a fresh table per call with raw fields item, passdb,
 -- userdb and the flags; variables and methods come from its metatable.
 local request_vars = setmetatable({}, {__mode = "k"})
 local request_methods = {}
 
-local function check_request(req, fname)
+-- auth_lua_check_auth_request
+local function check_request(req)
   if type(req) ~= "table" then
-    error(string.format("Bad argument #1, expected auth_request got %s", type(req)), 3)
+    error(format("Bad argument #1, expected auth_request got %s", type(req)), 0)
   end
   return rawget(req, "item")
 end
@@ -158,7 +469,7 @@ end
 local request_meta = {
   __index = function(req, key)
     if type(key) ~= "string" then
-      key = check_string(key, 2, "__index")
+      key = check_string(key, 2)
     end
     local vars = request_vars[req]
     if vars then
@@ -173,42 +484,57 @@ local request_meta = {
 
 for level, name in ipairs({"log_debug", "log_info", "log_warning", "log_error"}) do
   request_methods[name] = function(req, msg)
-    local item = check_request(req, name)
-    host.request_log(item, level - 1, check_string(msg, 2, name))
+    local item = check_request(req)
+    host.request_log(item, level - 1, check_string(msg, 2))
   end
 end
 
 function request_methods.password_verify(req, crypted, plain)
-  local item = check_request(req, "password_verify")
-  local rc, err = host.password_verify(item,
-    type(crypted) == "number" and tostring(crypted) or crypted,
-    type(plain) == "number" and tostring(plain) or plain)
+  local item = check_request(req)
+  crypted = (type(crypted) == "number" and tostring(crypted)) or crypted
+  plain = (type(plain) == "number" and tostring(plain)) or plain
+  if v24 then
+    if type(crypted) ~= "string" then error("Crypted password must not be nil", 0) end
+    if type(plain) ~= "string" then error("Plain password must not be nil", 0) end
+  end
+  local rc, err = host.password_verify(item, crypted, plain)
   return rc + 0.0, err
 end
 
 function request_methods.var_expand(req, template)
-  local item = check_request(req, "var_expand")
-  local ok, value = host.var_expand(item, check_string(template, 2, "var_expand"))
-  if not ok then error(value, 2) end
+  local item = check_request(req)
+  local ok, value = host.var_expand(item, check_string(template, 2))
+  if not ok then error(value, 0) end
   return value
 end
 
-function request_methods.response_from_template(req, template)
-  local item = check_request(req, "response_from_template")
-  local ok, pairs_or_error = host.response_from_template(item, check_string(template, 2, "response_from_template"))
-  if not ok then error(pairs_or_error, 2) end
-  local result = {}
-  for i = 1, #pairs_or_error, 2 do
-    local value = pairs_or_error[i + 1]
-    if value ~= false then result[pairs_or_error[i]] = value end
+-- req:event(): a new child of the request's passdb/userdb event, which logs with
+-- the prefix "lua(user,rip,<session>): ".
+function request_methods.event(req)
+  local item = check_request(req)
+  local _, db = new_event(nil, {prefix = host.request_log_prefix(item), request = item})
+  return push_event((new_event(db)))
+end
+
+if not v24 then  -- removed in 2.4.1
+  function request_methods.response_from_template(req, template)
+    local item = check_request(req)
+    local ok, pairs_or_error = host.response_from_template(item,
+      check_string(template, 2))
+    if not ok then error(pairs_or_error, 0) end
+    local result = {}
+    for i = 1, #pairs_or_error, 2 do
+      local value = pairs_or_error[i + 1]
+      if value ~= false then result[pairs_or_error[i]] = value end
+    end
+    return result
   end
-  return result
 end
 
 local function field_view(item, fields)
   return setmetatable({item = item}, {
     __index = function(_, key)
-      return fields[check_string(key, 2, "__index")]
+      return fields[check_string(key, 2)]
     end,
   })
 end
@@ -285,8 +611,9 @@ local function export_table(t)
     elseif vt == "boolean" then
       value = value and "yes" or "no"
     elseif vt ~= "string" then
-      warnings[#warnings + 1] = "'" .. key .. "' has invalid value type " .. vt .. " - ignoring"
-      value = ""
+      -- Dovecot names the type with lua_typename(L, -1): index -1 is LUA_TNONE.
+      warnings[#warnings + 1] = "'" .. key .. "' has invalid value type no value - ignoring"
+      value = false  -- 2.3.19 sets "", 2.4 skips the field
     end
     out[#out + 1] = key
     out[#out + 1] = value
@@ -302,8 +629,8 @@ local function describe_result(code, data)
     local fields, crash, warnings = export_table(data)
     return is_number, code_int, type(code), dtype, fields, crash, warnings
   end
-  if dtype == "number" then
-    return is_number, code_int, type(code), "string", tostring(data)
+  if dtype == "number" then  -- lua_isstring: a number is a string too
+    return is_number, code_int, type(code), dtype, tostring(data)
   end
   return is_number, code_int, type(code), dtype, dtype == "string" and data or nil
 end
@@ -325,6 +652,8 @@ end
 local function pack(...)
   return select("#", ...), {...}
 end
+
+local xpcall_passes_args = select(2, xpcall(function(x) return x end, message_handler, true)) == true
 
 local describers = {
   lookup = function(results) return describe_result(results[2], results[3]) end,
@@ -350,7 +679,13 @@ local function call_entry(target, mode, ...)
       return "done", false, "'" .. target .. "' is not a function", "missing"
     end
   end
-  local _, results = pack(xpcall(fn, message_handler, ...))
+  local _, results
+  if xpcall_passes_args then
+    _, results = pack(xpcall(fn, message_handler, ...))
+  else  -- Lua 5.1's xpcall takes no arguments for the function
+    local n, args = pack(...)
+    _, results = pack(xpcall(function() return fn(unpack(args, 1, n)) end, message_handler))
+  end
   if not results[1] then
     return "done", false, results[2]
   end
@@ -408,4 +743,7 @@ return {
   check_string = check_string,
   check_args = check_args,
   methods = dovecot_methods,
+  globals_restricted = globals_restricted,
+  cache_key_hook = cache_key_hook,
+  passthrough_leak = passthrough_leak,
 }

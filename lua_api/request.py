@@ -15,8 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lua_api.request_vars import RequestVars, lua_fields_23, var_table_23
+from lua_api.request_vars import RequestVars, lua_fields_23, var_table_23, var_table_24
 from lua_api.var_expand import ExpandContext, VarExpandError, expand
+from lua_api.var_expand24 import ExpandContext24, expand24
+
+#: How template errors end where Dovecot's template parser calls i_fatal().
+_FATAL = " (a fatal error in Dovecot: the auth process exits)"
+
+#: str_sanitize_append()'s limit for the user name in log prefixes (MAX_LOG_USERNAME_LEN).
+_MAX_LOG_USERNAME = 64
 
 FLAG_NAMES = (
     "skip_password_check",
@@ -37,9 +44,41 @@ class LuaRequest:
     flags: Mapping[str, bool] = field(default_factory=dict)
     userdb_lookup: bool = False
     expand_context: ExpandContext = field(default_factory=ExpandContext)
+    #: The passdb/userdb name in log prefixes: its `name` setting, else the driver's.
+    db_name: str = "lua"
+    #: The dialect of the state the request table was built in (set by to_lua()).
+    dialect: str = "2.3"
 
     def var_expand(self, template: bytes) -> bytes:
+        if self.dialect == "2.4":
+            return self._var_expand_24(template)
         return expand(template, var_table_23(self.vars), self._context())
+
+    def _var_expand_24(self, template: bytes) -> bytes:
+        ctx = self.expand_context
+        context = ExpandContext24(
+            env=ctx.env,
+            passdb_field=lambda name: self.passdb_fields.get(name),
+            userdb_field=lambda name: self.userdb_fields.get(name),
+            hostname=ctx.hostname,
+            pid=ctx.pid,
+            uid=ctx.uid,
+            gid=ctx.gid,
+        )
+        return expand24(template, var_table_24(self.vars), context)
+
+    def log_prefix(self) -> bytes:
+        """auth_request_get_log_prefix_db: `lua(user,rip,master,<session>): `."""
+        v = self.vars
+        out = bytearray(self.db_name.encode() + b"(")
+        out += _sanitize(v.user, _MAX_LOG_USERNAME) if v.user is not None else b"?"
+        if v.remote_ip:
+            out += b"," + v.remote_ip
+        if v.login_user is not None:
+            out += b",master"
+        if v.session_id is not None:
+            out += b",<" + v.session_id + b">"
+        return bytes(out) + b"): "
 
     def _context(self) -> ExpandContext:
         ctx = self.expand_context
@@ -54,28 +93,39 @@ class LuaRequest:
         )
 
     def response_from_template(self, template: bytes) -> list[tuple[bytes, bytes | None]]:
-        """req:response_from_template(): `k=v k2` with each value %-expanded."""
+        """req:response_from_template() (2.3): `k=v k2` with each value %-expanded.
+
+        The template is parsed like a passdb/userdb `args` template; where that parser
+        calls i_fatal() (an empty key, a uid/gid that is no number or known name) the
+        auth process exits in Dovecot, here the call raises an error saying so.
+        """
         result: list[tuple[bytes, bytes | None]] = []
         for token in template.split(b" "):
             if not token:
                 continue
             key, sep, value = token.partition(b"=")
             if not key:
+                kind = "userdb" if self.userdb_lookup else "passdb"
                 raise VarExpandError(
-                    f"Invalid template {template.decode('utf-8', 'replace')} - key must not be empty"
+                    f"Invalid {kind} template {template.decode('utf-8', 'replace')} - key must not be empty" + _FATAL
                 )
-            if not sep:
-                result.append((key, None))
-                continue
             if self.userdb_lookup and key.lower() in (b"uid", b"gid"):
                 value = _numeric_id(key.lower(), value)
-            result.append((key, self.var_expand(value)))
+            elif not sep:
+                result.append((key, None))
+                continue
+            try:
+                result.append((key, self.var_expand(value)))
+            except VarExpandError as exc:
+                raise VarExpandError(b"var_expand(" + value + b") failed: " + exc.message) from None
         return result
 
     def to_lua(self, state: Any) -> Any:
         """Build the request table in `state` (call inside a slice)."""
         lua = state.lua
-        variables = {k: v for k, v in lua_fields_23(self.vars).items() if v is not None}
+        self.dialect = state.options.dialect
+        table = var_table_24(self.vars) if self.dialect == "2.4" else lua_fields_23(self.vars)
+        variables = {k: v for k, v in table.items() if v is not None}
         flags = {name.encode(): bool(self.flags.get(name)) for name in FLAG_NAMES}
         return state.api[b"new_request"](
             self,
@@ -87,12 +137,47 @@ class LuaRequest:
 
 
 def _numeric_id(kind: bytes, value: bytes) -> bytes:
-    """userdb templates resolve uid/gid names to numbers, as Dovecot does."""
-    if value.isdigit():
-        return value
+    """userdb_parse_uid/gid for a userdb template: a number or a system user/group name."""
+    if value.isdigit() and int(value) < 2**32 - 1:
+        return b"%d" % int(value)
     try:
         if kind == b"uid":
             return b"%d" % pwd.getpwnam(value.decode()).pw_uid
         return b"%d" % grp.getgrnam(value.decode()).gr_gid
-    except (KeyError, UnicodeDecodeError):
-        raise VarExpandError(f"Invalid {kind.decode()}: {value.decode('utf-8', 'replace')}") from None
+    except (KeyError, UnicodeDecodeError, ValueError):
+        shown = value.decode("utf-8", "replace")
+        raise VarExpandError(f"lua userdb: Invalid {kind.decode()}: {shown}{_FATAL}") from None
+
+
+def _sanitize(src: bytes, limit: int) -> bytes:
+    """str_sanitize_append(): control bytes and invalid UTF-8 become '?', long text ends in '...'."""
+    src = src.split(b"\0", 1)[0]
+    out = bytearray()
+    i = 0
+    while i < limit and i < len(src):
+        lead = src[i]
+        size = 1 if lead < 0x80 else 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4
+        if lead >= 0x80 and not 0xC2 <= lead <= 0xF4:
+            size = -1
+        elif size > limit - i:
+            break  # a character that does not fit: the text is cut before it
+        elif size > 1:
+            try:
+                src[i : i + size].decode()
+            except UnicodeDecodeError:
+                size = -1
+        if size < 0:
+            out += b"?"
+            i += 1
+            continue
+        out += b"?" if lead < 32 else src[i : i + size]
+        i += size
+    if i >= len(src):
+        return bytes(out)
+    while len(out) > limit - 3:  # drop whole characters until "..." fits
+        if 0x80 <= out.pop() < 0xC0:  # a continuation byte: its sequence goes too
+            while out and 0x80 <= out[-1] < 0xC0:
+                out.pop()
+            if out and out[-1] >= 0xC0:
+                out.pop()
+    return bytes(out) + b"..."

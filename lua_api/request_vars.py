@@ -165,3 +165,49 @@ def lua_fields_23(v: RequestVars) -> dict[bytes, bytes | None]:
         if entry.long is not None:
             fields.setdefault(entry.long.encode(), entry.value)
     return fields
+
+
+def var_table_24(v: RequestVars) -> dict[bytes, bytes | None]:
+    """Dovecot 2.4's auth variables (auth_request_var_expand_static_tab, 2.4.2+), in its order.
+
+    The same table answers `req.<name>` in Lua and `%{name}` in 2.4 templates. The 2.3
+    names (`username`, `service`, `rip`, ...) are gone; `session_pid` is "" when unset.
+    """
+    user = v.user if v.user is not None else b""
+    first = user.find(b"@")
+    domain_first = _before_at(user[first + 1 :]) if first >= 0 else None
+    domain_last = user.rpartition(b"@")[2] if first >= 0 else None
+    orig_user = v.original_user if v.original_user is not None else user
+    return {
+        b"user": user,
+        b"protocol": v.service,
+        b"home": None,
+        b"local_ip": v.local_ip,
+        b"remote_ip": v.remote_ip,
+        b"client_pid": _num(v.client_pid),
+        b"password": v.mech_password,
+        b"id": _num(v.db_id) if v.db_id is not None else b"",
+        b"mechanism": v.mechanism,
+        b"secured": _SECURED_TEXT[v.secured],
+        b"local_port": _num(v.local_port),
+        b"remote_port": _num(v.remote_port),
+        b"cert": b"valid" if v.valid_client_cert else b"",
+        b"login_user": v.login_user,
+        b"session": v.session_id,
+        b"real_local_ip": v.real_local_ip,
+        b"real_remote_ip": v.real_remote_ip,
+        b"real_local_port": _num(v.real_local_port),
+        b"real_remote_port": _num(v.real_remote_port),
+        b"domain_first": domain_first,
+        b"domain_last": domain_last,
+        b"master_user": v.master_user,
+        b"session_pid": _num(v.session_pid) if v.session_pid is not None else b"",
+        b"original_user": orig_user,
+        b"auth_user": v.master_user if v.master_user is not None else orig_user,
+        b"local_name": v.local_name,
+        b"client_id": v.client_id,
+        b"ssl_ja3_hash": None,
+        b"ssl_client_cert_fp": None,
+        b"ssl_client_cert_pubkey_fp": None,
+        b"owner_user": user,
+    }

@@ -100,14 +100,12 @@ def lookup_result_23(kind: EntryKind, description: tuple[Any, ...]) -> LookupRes
     """Apply Dovecot 2.3.19's rules to a described (code, data) return."""
     is_number, code, code_type, data_type, data, crash, warnings = [*description, *[None] * 7][:7]
     fn = kind.value if kind is EntryKind.PASSWORD_VERIFY else f"{kind.value}(req)"
-    failure = (
-        UserdbResult.INTERNAL_FAILURE if kind is EntryKind.USERDB_LOOKUP else PassdbResult.INTERNAL_FAILURE
-    )
+    failure = UserdbResult.INTERNAL_FAILURE if kind is EntryKind.USERDB_LOOKUP else PassdbResult.INTERNAL_FAILURE
     if not is_number:
         return LookupResult(
             failure, error=f"db-lua: {fn} invalid return value (expected number got {_name(code_type)})"
         )
-    if data_type not in (b"string", b"table"):
+    if data_type not in (b"string", b"number", b"table"):
         return LookupResult(
             failure,
             error=f"db-lua: {fn} invalid return value (expected string or table, got {_name(data_type)})",
@@ -115,9 +113,7 @@ def lookup_result_23(kind: EntryKind, description: tuple[Any, ...]) -> LookupRes
     ok = 1
     if data_type == b"table":
         if code != ok:
-            return LookupResult(
-                code, error="userdb failed" if kind is EntryKind.USERDB_LOOKUP else "passb failed"
-            )
+            return LookupResult(code, error="userdb failed" if kind is EntryKind.USERDB_LOOKUP else "passb failed")
         if crash is not None:
             return _crash(fn, _name(crash))
         flat = data or []
@@ -140,9 +136,60 @@ def lookup_result_23(kind: EntryKind, description: tuple[Any, ...]) -> LookupRes
 
 
 def _field_value(value: Any) -> bytes:
+    """A value as prelude.lua described it: bytes, an integer, or False for an unsupported type."""
     if isinstance(value, bytes):
         return value
+    if value is False:
+        return b""  # 2.3.19 still sets the field, to ""
     return _unsigned(value)
+
+
+def lookup_result_24(kind: EntryKind, description: tuple[Any, ...]) -> LookupResult:
+    """Apply Dovecot 2.4.1+'s rules: OK takes a table or nil, other codes a string or nil.
+
+    db-lua.c auth_lua_call_lookup / auth_lua_call_password_verify /
+    auth_lua_export_table; bad field names and values are skipped with a warning.
+    """
+    is_number, code, code_type, data_type, data, crash = [*description, *[None] * 6][:6]
+    fn = kind.value if kind is EntryKind.PASSWORD_VERIFY else f"{kind.value}(req)"
+    userdb = kind is EntryKind.USERDB_LOOKUP
+    failure = UserdbResult.INTERNAL_FAILURE if userdb else PassdbResult.INTERNAL_FAILURE
+    if not is_number:
+        return LookupResult(
+            failure, error=f"db-lua: {fn} invalid return value (expected number got {_name(code_type)})"
+        )
+    if code != 1:
+        if data_type not in (b"string", b"number", b"nil"):
+            return LookupResult(
+                failure,
+                error=f"db-lua: {fn} invalid error return value (expected nil or string, got {_name(data_type)})",
+            )
+        if data_type == b"nil":
+            return LookupResult(code, error="userdb failed" if userdb else "passdb failed")
+        text: bytes = data if isinstance(data, bytes) else b""
+        return LookupResult(code, error=text.decode("utf-8", "replace"))
+    if data_type not in (b"table", b"nil"):
+        return LookupResult(
+            failure, error=f"db-lua: {fn} invalid return value (expected nil or table, got {_name(data_type)})"
+        )
+    if crash is not None:
+        return _crash(fn, _name(crash))
+    flat = data or []
+    fields: list[tuple[bytes, bytes]] = []
+    warnings: list[str] = []
+    for i in range(0, len(flat), 2):
+        key, value = flat[i], flat[i + 1]
+        shown = key.decode("utf-8", "replace")
+        if key == b"":
+            warnings.append("Field key cannot be empty - ignoring")
+        elif any(c in key for c in b"\t\n\r"):
+            warnings.append("Field key cannot contain <CR>, <LF> or <TAB> - ignoring")
+        elif value is False:
+            warnings.append(f"'{shown}' has invalid value type no value - ignoring")
+        else:
+            fields.append((key, _field_value(value)))
+    kept, password = _take_password(fields, kind)
+    return LookupResult(code, tuple(kept), password, password_in_table=True, warnings=tuple(warnings))
 
 
 def _split_token(token: bytes) -> tuple[bytes, bytes]:

@@ -7,20 +7,34 @@ to authd, the event loop performs the I/O without holding a thread, and the
 coroutine resumes with the answer. Where a yield is impossible (Lua 5.1, inside a
 C boundary, a script's own coroutine) the same I/O blocks the calling thread, as
 it would in Dovecot.
+
+Guard rails (guard.lua holds the Lua half): a call, I/O included, ends after
+[lua] call_timeout; a count hook stops pure Lua, a cancel scope stops I/O waits,
+and a slice stuck in C is given up on together with its state. [lua] max_memory
+binds script code only, never lupa's own pushes (an allocation failure there would
+abort or deadlock the process); a state that ran out of memory is taken out of
+service, and lua_api.pool replaces it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from types import ModuleType
 from typing import Any, Protocol
 
+import structlog
+import trio
+
+from lua_api import library
 from lua_api.var_expand import VarExpandError
 
 LUA_MODULES = {
@@ -107,11 +121,18 @@ class StateOptions:
     """How to build a state; shared by all states of one script."""
 
     version: str = "5.4"
+    #: Bytes a state may allocate while script code runs ([lua] max_memory); 0 = unlimited.
     max_memory: int = 0
+    #: Seconds one call may take, I/O included ([lua] call_timeout); 0 = unlimited.
+    call_timeout: float = 30.0
     package_path: str | None = None
     package_cpath: str | None = None
     environment: Mapping[str, str] = field(default_factory=dict)
     extensions: tuple[LuaExtension, ...] = ()
+    #: Which Dovecot Lua API the state offers: "2.3" (2.3.19) or "2.4" (2.4.1 and later).
+    dialect: str = "2.3"
+    #: 2.4: the lua_settings (key, value) pairs handed to script_init(tbl).
+    lua_settings: tuple[tuple[str, str], ...] = ()
 
 
 class LuaCallError(Exception):
@@ -120,21 +141,39 @@ class LuaCallError(Exception):
 
 #: Read once at import: a service that drops privileges later may not read it again.
 _PRELUDE = resources.files("lua_api").joinpath("prelude.lua").read_bytes()
+_GUARD = resources.files("lua_api").joinpath("guard.lua").read_bytes()
+
+#: VM instructions between two looks at the clock by a call's debug hook: about a
+#: millisecond of pure Lua, so the Python call it makes costs nothing noticeable.
+HOOK_COUNT = 100_000
+
+#: How long a slice may run past its call's deadline before authd stops waiting for
+#: its thread. The hook ends pure Lua within milliseconds; a slice still running
+#: after this is stuck in C (a blocking socket read, os.execute, a __gc finalizer).
+STUCK_GRACE = 1.0
+
+log = structlog.get_logger("lua_api")
 
 
 class LuaState:
     """A Lua state prepared like Dovecot's: stdlib, dovecot table, request support."""
 
-    def __init__(self, host: ScriptHost, options: StateOptions) -> None:
+    def __init__(self, host: ScriptHost, options: StateOptions, *, name: str = "") -> None:
         self.module = lua_module(options.version)
         self.options = options
         self.host = host
+        #: The script this state runs, for log lines.
+        self.name = name
+        #: Why the state must not serve again ("memory", "stuck", "broken"); None while usable.
+        self.broken: str | None = None
+        # max_memory=0 selects lupa's limiting allocator without a limit: guard.lua sets
+        # options.max_memory only while script code runs.
         self.lua: Any = self.module.LuaRuntime(
             encoding=None,
             unpack_returned_tuples=True,
             register_eval=False,
             register_builtins=False,
-            max_memory=options.max_memory or 0,
+            max_memory=0,
         )
         self.extensions = {ext.kind: ext for ext in options.extensions}
         host_table = self.lua.table_from(
@@ -145,9 +184,19 @@ class LuaState:
                 b"var_expand": self._var_expand,
                 b"response_from_template": self._response_from_template,
                 b"io_blocking": self._io_blocking,
+                **library.host_functions(self),
             }
         )
         self.api = self.lua.execute(_PRELUDE, host_table, name="=authd-prelude")
+        guard_host = self.lua.table_from(
+            {
+                b"clock": time.monotonic,
+                b"set_limit": self._set_limit,
+                b"count": HOOK_COUNT if options.call_timeout > 0 else 0,
+                b"limited": options.max_memory > 0,
+            }
+        )
+        self.lua.execute(_GUARD, self.api, guard_host, name="=authd-guard")
         self._set_package_paths()
         self._restrict_environment()
         for ext in options.extensions:
@@ -168,9 +217,9 @@ class LuaState:
         env = {k.encode(): v.encode() for k, v in self.options.environment.items()}
         os_table = self.lua.globals()[b"os"]
         if os_table is not None:
-            os_table[b"getenv"] = self.lua.eval(
-                b"function(env) return function(name) return env[name] end end"
-            )(self.lua.table_from(env))
+            os_table[b"getenv"] = self.lua.eval(b"function(env) return function(name) return env[name] end end")(
+                self.lua.table_from(env)
+            )
 
     # --- callbacks from Lua ----------------------------------------------------------
 
@@ -203,6 +252,10 @@ class LuaState:
             flat += [key, value if value is not None else False]
         return True, self.lua.table_from(flat)
 
+    def _set_limit(self, on: bool) -> None:
+        """guard.lua: apply [lua] max_memory while script code runs, lift it otherwise."""
+        self.lua.set_max_memory(self.options.max_memory if on else 0)
+
     def _io_blocking(self, kind: bytes, payload: Any) -> Any:
         ext = self.extensions.get(kind)
         if ext is None:
@@ -231,13 +284,18 @@ class LuaState:
 
     # --- calls ---------------------------------------------------------------------
 
-    def start(self, target: Any, mode: bytes, args: tuple[Any, ...]) -> Any:
-        """Create the coroutine for one call of a global (bytes name) or a function; returns its handle.
+    def start(
+        self, target: Any, mode: bytes, args: tuple[Any, ...], *, deadline: float | None = None
+    ) -> tuple[Any, str]:
+        """Create the coroutine for one call of a global (bytes name) or a function.
 
         `mode` says how to describe the results: b"lookup" (code, data), b"list",
-        b"init" or b"none" (see the prelude's describers).
+        b"init" or b"none" (see the prelude's describers). After `deadline` (a
+        time.monotonic() value) guard.lua's hook ends the call. Returns the call's
+        handle and the entry's name for log lines.
         """
-        return self.api[b"start_call"](target, mode, *args)
+        handle, name = self.api[b"start_call"](deadline, target, mode, *args)
+        return handle, name.decode("utf-8", "replace")
 
     def step(self, coroutine: Any, *values: Any) -> tuple[Any, ...]:
         """Resume a call until it yields for I/O or finishes. Runs Lua: any thread."""
@@ -265,6 +323,21 @@ class LuaState:
         return bool(self.api[b"has_function"](name))
 
 
+class _AbandonedApi:
+    """The api of a state given up on while a thread still runs Lua in it.
+
+    Every function does nothing and returns None: calling into the state from
+    another thread would wait for lupa's lock, that is, for the stuck call.
+    """
+
+    def __getitem__(self, name: bytes) -> Callable[..., None]:
+        return _nothing
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
 #: Runs a slice of Lua work somewhere (the event loop thread or a worker thread).
 Executor = Callable[[Callable[[], Any]], Awaitable[Any]]
 
@@ -272,6 +345,64 @@ Executor = Callable[[Callable[[], Any]], Awaitable[Any]]
 async def run_in_loop(fn: Callable[[], Any]) -> Any:
     """Run a Lua slice right here in the event loop thread (blocking = false)."""
     return fn()
+
+
+class _Claim:
+    """Whether a slice's thread is inside the state, decided once authd stops waiting for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = False
+        self._given_up = False
+
+    def enter(self) -> bool:
+        with self._lock:
+            self._inside = not self._given_up
+            return self._inside
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inside = False
+
+    def give_up(self) -> bool:
+        """Stop waiting; True if the thread is running Lua in the state right now."""
+        with self._lock:
+            self._given_up = True
+            return self._inside
+
+
+async def _slice(state: LuaState, run: Executor, fn: Callable[[], Any], deadline: float) -> Any:
+    """Run one slice; None if authd stopped waiting for it at `deadline` + STUCK_GRACE.
+
+    The slice is shielded from outside cancellation: a thread running Lua cannot be
+    interrupted, only given up on, and that costs the state. When the grace runs out
+    while the thread is inside the state, the state is marked "stuck": it is never
+    touched again, and the thread finishes whenever its C call returns.
+    """
+    claim = _Claim()
+
+    def guarded() -> Any:
+        if not claim.enter():
+            return None  # authd stopped waiting before the thread started
+        try:
+            return fn()
+        except state.module.LuaError as exc:  # the machinery failed, e.g. out of memory
+            state.lua.set_max_memory(0)
+            return (b"done", False, _error_text(exc), b"broken")
+        finally:
+            claim.leave()
+
+    with trio.CancelScope(deadline=deadline + STUCK_GRACE, shield=True):
+        return await run(guarded)
+    if claim.give_up():
+        state.broken = "stuck"
+        state.api = _AbandonedApi()
+    return None
+
+
+def _error_text(exc: BaseException) -> bytes:
+    arg = exc.args[0] if exc.args else ""
+    return arg if isinstance(arg, bytes) else str(arg).encode("utf-8", "replace")
 
 
 async def drive(
@@ -284,29 +415,102 @@ async def drive(
     """Run one call to completion, doing its I/O in the event loop between slices.
 
     `args` builds the call's arguments inside the first slice, where the state is
-    safe to touch (the Lua request table is created there).
+    safe to touch (the Lua request table is created there). The whole call, I/O
+    included, must end within [lua] call_timeout; running out of time or memory
+    fails it (and may cost the state, see LuaState.broken).
     """
-    coroutine: Any = None
+    if state.broken is not None:
+        return CallOutcome(False, (b"authd: this Lua state is out of service", b"broken"))
+    timeout = state.options.call_timeout
+    deadline = trio.current_time() + timeout if timeout > 0 else math.inf
+    lua_deadline = time.monotonic() + timeout if timeout > 0 else None
+    handle: Any = None
+    entry = target.decode("utf-8", "replace") if isinstance(target, bytes) else "main chunk"
 
     def first() -> tuple[Any, ...]:
-        nonlocal coroutine
-        coroutine = state.start(target, mode, args())
-        return state.step(coroutine)
+        nonlocal handle, entry
+        handle, entry = state.start(target, mode, args(), deadline=lua_deadline)
+        return state.step(handle)
 
-    out = await run(first)
     try:
-        while out[0] == b"io":
-            kind, payload = out[1], out[2]
-            ext = state.extensions.get(kind)
-            if ext is None:
-                state.abandon(coroutine)
-                return CallOutcome(False, (f"no I/O extension for {kind!r}".encode(),))
-            result = await ext.perform(payload)
-            out = await run(functools.partial(state.step, coroutine, result))
+        out = await _slice(state, run, first, deadline)
+        with trio.move_on_at(deadline):
+            while out is not None and out[0] == b"io":
+                kind, payload = out[1], out[2]
+                ext = state.extensions.get(kind)
+                if ext is None:
+                    state.abandon(handle)
+                    return CallOutcome(False, (f"no I/O extension for {kind!r}".encode(),))
+                result = await ext.perform(payload)
+                out = await _slice(state, run, functools.partial(state.step, handle, result), deadline)
     except BaseException:
-        state.abandon(coroutine)
+        if handle is not None:
+            state.abandon(handle)
         raise
-    return CallOutcome(bool(out[1]), tuple(out[2:]))
+    if out is None or out[0] == b"io":
+        if handle is not None:
+            state.abandon(handle)
+        if out is not None:
+            waiting = f"{out[1].decode('utf-8', 'replace')} I/O"
+        else:
+            waiting = "a blocking call" if state.broken == "stuck" else "a worker thread"
+        return _timed_out(state, entry, waiting, b"")
+    values = tuple(out[2:])
+    if out[1]:
+        return CallOutcome(True, values)
+    marker = values[1] if len(values) > 1 else None
+    if marker == b"timeout":
+        return _timed_out(state, entry, "Lua code", values[0] or b"")
+    text = values[0] if isinstance(values[0], bytes) else b""
+    if b"not enough memory" in text or marker == b"broken":
+        return _out_of_service(state, entry, text)
+    return CallOutcome(False, values)
+
+
+def _timed_out(state: LuaState, entry: str, waiting: str, where: bytes) -> CallOutcome:
+    """The call ran out of [lua] call_timeout; `where` is the script's traceback if it was running."""
+    timeout = state.options.call_timeout
+    stuck = state.broken == "stuck"
+    log.error(
+        "lua.timeout",
+        script=state.name,
+        entry=entry,
+        timeout=timeout,
+        waiting_for=waiting,
+        where=where.decode("utf-8", "replace").partition("\n\t")[2].partition("\n")[0] or None,
+        state="replaced" if stuck else "kept",
+    )
+    message = f"timed out after {timeout:g} s in {waiting} ([lua] call_timeout)".encode()
+    if stuck:
+        message += b"; the Lua state is abandoned and replaced"
+    if where:
+        message += b"\n" + where
+    return CallOutcome(False, (message, b"timeout"))
+
+
+def _out_of_service(state: LuaState, entry: str, text: bytes) -> CallOutcome:
+    """Out of memory (or the machinery failed): the state may hold half-built data, so it is rebuilt."""
+    limit = state.options.max_memory
+    if b"not enough memory" in text:
+        state.broken = "memory"
+        log.error(
+            "lua.memory",
+            script=state.name,
+            entry=entry,
+            max_memory=limit,
+            used=state.lua.get_memory_used(),
+            state="rebuilt",
+        )
+        text += b" ([lua] max_memory = %d bytes; the Lua state is rebuilt)" % limit
+    else:
+        state.broken = "broken"
+        log.error("lua.state_broken", script=state.name, entry=entry, message=_text(text), state="rebuilt")
+        text += b" (the Lua state is rebuilt)"
+    return CallOutcome(False, (text, b"broken"))
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
 
 
 @dataclass(frozen=True, slots=True)
