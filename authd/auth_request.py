@@ -40,6 +40,8 @@ class UsernameRules:
     default_realm: str = ""
     master_user_separator: str = ""
     anonymous_username: str = "anonymous"
+    #: auth_ssl_username_from_cert: the login process's cert_username overrides the mechanism's.
+    ssl_username_from_cert: bool = False
     #: Whether any master passdb is configured (master logins need one).
     master_passdbs: bool = False
     #: lua_api.var_expand.ExpandContext for %{env:...} and friends in username_format.
@@ -201,6 +203,12 @@ class AuthRequest:
             self.no_penalty = True
         elif key == b"valid-client-cert":
             self.valid_client_cert = True
+        elif key == b"cert_username":
+            if self.rules.ssl_username_from_cert and value:
+                # The certificate's name overrides the mechanism's, unchecked here and
+                # put through the username rules by set_username() later.
+                self.user = value
+                self.cert_username = True
         else:
             return False
         return True
@@ -241,6 +249,8 @@ class AuthRequest:
             login_username, _, username = username.partition(separator)
         if self.original_user is None:
             self.original_user = username
+        if self.cert_username and self.user is not None:
+            username = self.user
         try:
             self.user = self.fix_username(username)
         except UsernameError:
@@ -343,14 +353,8 @@ class AuthRequest:
             return
         elif name == b"nopassword":
             password = self.passdb_password
-            if (
-                password is not None
-                and b"noauthenticate" not in self.extra_fields
-                and _strip_scheme(password)
-            ):
-                log.error(
-                    "auth.field", message="nopassword set but password is non-empty", **self.log_context()
-                )
+            if password is not None and b"noauthenticate" not in self.extra_fields and _strip_scheme(password):
+                log.error("auth.field", message="nopassword set but password is non-empty", **self.log_context())
                 return
             self.passdb_password = None
             self.extra_fields.add(name, value)
@@ -379,9 +383,7 @@ class AuthRequest:
             self.failed = True
             return
         if not stamp.isdigit():
-            log.error(
-                "auth.field", message=f"Invalid delay_until timestamp '{_text(stamp)}'", **self.log_context()
-            )
+            log.error("auth.field", message=f"Invalid delay_until timestamp '{_text(stamp)}'", **self.log_context())
             self.failed = True
             return
         until = int(stamp)
@@ -461,7 +463,7 @@ class AuthRequest:
             if number is None:
                 log.error(
                     "userdb.field",
-                    message=f"Invalid {name.decode()} value '{_text(value)}'",
+                    message=f"Invalid {name.decode().upper()} value '{_text(value)}'",
                     **self.log_context(),
                 )
                 self.userdb_lookup_tempfailed = True
@@ -489,9 +491,7 @@ class AuthRequest:
         try:
             st = os.stat(path)
         except OSError as exc:
-            log.error(
-                "userdb.field", message=f"stat({_text(path)}) failed: {exc.strerror}", **self.log_context()
-            )
+            log.error("userdb.field", message=f"stat({_text(path)}) failed: {exc.strerror}", **self.log_context())
             self.userdb_lookup_tempfailed = True
             return
         self.userdb_reply.add(b"uid", b"%d" % st.st_uid)
@@ -503,11 +503,7 @@ class AuthRequest:
         """The fields Dovecot appends after the passdb's extra fields in OK/FAIL."""
         trailer = []
         extra = self.extra_fields
-        if (
-            self.original_user is not None
-            and self.original_user != self.user
-            and b"original_user" not in extra
-        ):
+        if self.original_user is not None and self.original_user != self.user and b"original_user" not in extra:
             trailer.append(Field(b"original_user", self.original_user))
         if self.master_user is not None and b"auth_user" not in extra:
             trailer.append(Field(b"auth_user", self.master_user))
@@ -590,8 +586,12 @@ def _strip_scheme(password: bytes) -> bytes:
 
 
 def resolve_id(kind: bytes, value: bytes) -> bytes | None:
-    """userdb_parse_uid/gid: a number, or a user/group name from the system."""
-    if value.isdigit():
+    """userdb_parse_uid/gid: a number that fits a signed 32-bit id, else a user/group name.
+
+    Like Dovecot, a number of 2^31 or more (so also a negative one printed unsigned) is not
+    an id: it is looked up as a name, which fails.
+    """
+    if value.isdigit() and int(value) < 2**31:
         return b"%d" % int(value)
     try:
         name = value.decode()

@@ -45,9 +45,7 @@ class CacheHit:
 class AuthCache:
     """An LRU of cache nodes bounded by `max_size` bytes."""
 
-    def __init__(
-        self, max_size: int, ttl: float, negative_ttl: float, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, max_size: int, ttl: float, negative_ttl: float, clock: Callable[[], float] = time.time) -> None:
         self.max_size = max_size
         self.ttl = ttl
         self.negative_ttl = negative_ttl

@@ -16,9 +16,10 @@ from authd.auth_request import AuthRequest
 from authd.cache import AuthCache, CacheHit
 from authd.password_check import verify_password
 from authd.passwords import generate, split_scheme
-from lua_api.request_vars import RequestVars, VarEntry, var_table_23
+from lua_api.request_vars import RequestVars, VarEntry, var_table_23, var_table_24
 from lua_api.results import PassdbResult, UserdbResult
 from lua_api.var_expand import ExpandContext, VarExpandError, expand
+from lua_api.var_expand24 import ExpandContext24, expand24
 from protocol.escape import split_tabescaped, tab_escape
 
 log = structlog.get_logger("authd.cache")
@@ -57,13 +58,19 @@ def _canonical(entry: VarEntry) -> bytes:
     return b"%" + (entry.short.encode() if entry.short else b"{" + (entry.long or "").encode() + b"}")
 
 
+class Template24(bytes):
+    """A cache key a 2.4 script's auth_*_get_cache_key() returned: a 2.4 template."""
+
+
 def expand_key(req: AuthRequest, template: bytes, db_id: int, *, user: bytes | None) -> bytes:
     """auth_request_expand_cache_key."""
     prefix = b"U" if req.userdb_lookup else b"P"
-    head = prefix + b"%!" + (b"+%{master_user}" if req.master_user is not None else b"") + b"\t"
     variables = req.vars(db_id=db_id)
     if user is not None:
         variables = dataclasses.replace(variables, user=user)
+    if isinstance(template, Template24):
+        return _expand_key24(prefix, req, template, variables, db_id)
+    head = prefix + b"%!" + (b"+%{master_user}" if req.master_user is not None else b"") + b"\t"
     table = [
         VarEntry(e.short, e.long, tab_escape(e.value) if e.value is not None else None) for e in var_table_23(variables)
     ]
@@ -73,6 +80,16 @@ def expand_key(req: AuthRequest, template: bytes, db_id: int, *, user: bytes | N
     except VarExpandError as exc:  # unknown %variables are fine in keys; errors are only logged
         log.error("cache.key", message=f"Failed to expand auth cache key {template!r}: {exc}")
         return head + template
+
+
+def _expand_key24(prefix: bytes, req: AuthRequest, template: bytes, variables: RequestVars, db_id: int) -> bytes:
+    head = prefix + b"%d" % db_id + (b"+" + tab_escape(req.master_user) if req.master_user is not None else b"")
+    table = {key: tab_escape(value) if value is not None else None for key, value in var_table_24(variables).items()}
+    try:
+        return head + b"\t" + expand24(template, table, ExpandContext24())
+    except VarExpandError as exc:
+        log.error("cache.key", message=f"Failed to expand auth cache key {template!r}: {exc}")
+        return head + b"\t" + template
 
 
 class PassdbCache:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -13,6 +14,7 @@ import trio
 from authd.listeners import ListenerError
 from authd.tools import ToolError
 from config import ConfigError, load_config
+from config.schema import Config
 from lua_api.script import ScriptLoadError
 
 DEMO_DIR = Path("run/authd-demo")
@@ -65,9 +67,7 @@ def _serve_dovecot_service(args: argparse.Namespace) -> int:
     for inherited in dovecot_service.inherited_listeners():
         if inherited.type == "token":
             continue  # DOVECOT-TOKEN (imap-urlauth) is not supported; leave the socket unserved
-        settings = ListenerSettings(
-            type=inherited.type, path=Path(inherited.path) if inherited.path else None
-        )
+        settings = ListenerSettings(type=inherited.type, path=Path(inherited.path) if inherited.path else None)
         listeners.append(ListenerInfo(settings, inherited.listener, owned=False))
     # Build everything (imports, Lua runtimes) while still root, then become the
     # service user: modules imported later might not be readable by it.
@@ -77,9 +77,7 @@ def _serve_dovecot_service(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                dovecot_service.watch_master, lambda: server.shutdown("Dovecot master went away")
-            )
+            nursery.start_soon(dovecot_service.watch_master, lambda: server.shutdown("Dovecot master went away"))
             await server.serve()
             nursery.cancel_scope.cancel()
 
@@ -88,12 +86,19 @@ def _serve_dovecot_service(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    config = _check(Path(args.config))
+    print(f"{args.config}: OK ({len(config.listeners)} listeners, {len(config.passdbs)} passdbs)")
+    return 0
+
+
+def _check(path: Path) -> Config:
+    """Validate a config and load (script_init) every script once; raises on any problem."""
     from dataclasses import replace
 
     from authd.logging import configure
     from authd.server import Server
 
-    config = load_config(Path(args.config))
+    config = load_config(path)
     configure(level="warning")
     # One state per script is enough to prove every script loads and initialises.
     server = Server(replace(config, lua=replace(config.lua, workers=1)))
@@ -103,7 +108,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         await server.close()
 
     trio.run(load)
-    print(f"{args.config}: OK ({len(config.listeners)} listeners, {len(config.passdbs)} passdbs)")
+    return config
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the config and scripts, then SIGHUP the daemon that serves the config's sockets."""
+    from authd.tools import server_pid
+
+    config = _check(Path(args.config))
+    where = args.socket or next((x.where for x in config.listeners), None)
+    if where is None:
+        raise SystemExit("authd reload: the config has no listener; name a socket with --socket")
+    pid = server_pid(where)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise ToolError(f"cannot signal authd (pid {pid}): {exc.strerror}") from None
+    print(f"{args.config}: OK; reloading authd (pid {pid}): its log says reload.done or reload.failed")
     return 0
 
 
@@ -150,6 +171,58 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_flush(args: argparse.Namespace) -> int:
+    from authd.tools import cache_flush
+
+    print(f"{cache_flush(args.socket, args.users)} cache entries flushed")
+    return 0
+
+
+def cmd_pw(args: argparse.Namespace) -> int:
+    from authd import pw
+
+    try:
+        print(pw.run(args))
+    except pw.PwError as exc:
+        print(f"authd pw: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _pairs(items: list[str], option: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"authd: {option} expects key=value, got {item!r}")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def cmd_try(args: argparse.Namespace) -> int:
+    from authd.try_script import TryError, TryOptions, run_try
+
+    if args.password is None and not args.userdb:
+        raise SystemExit("authd try: give a PASSWORD to authenticate, --userdb for a userdb lookup, or both")
+    try:
+        report = run_try(
+            TryOptions(
+                script=Path(args.script).resolve(),
+                user=args.user,
+                password=args.password,
+                dialect=args.dialect,
+                userdb=args.userdb,
+                settings=_pairs(args.setting, "--setting"),
+                params=_pairs(args.extra, "-x"),
+            )
+        )
+    except TryError as exc:
+        print(f"authd try: {exc}", file=sys.stderr)
+        return 1
+    print(report.render())
+    return 0 if report.ok else 77
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="authd", description="Dovecot-protocol auth daemon running Dovecot Lua scripts"
@@ -171,14 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--config", "-c", required=True)
     check.set_defaults(func=cmd_check)
 
-    test = commands.add_parser(
-        "test", help="authenticate against an auth-client socket, like doveadm auth test"
-    )
+    test = commands.add_parser("test", help="authenticate against an auth-client socket, like doveadm auth test")
     test.add_argument("--socket", "-a", required=True, help="unix socket path or host:port")
     test.add_argument("--mechanism", "-m", default="PLAIN", choices=("PLAIN", "LOGIN", "plain", "login"))
-    test.add_argument(
-        "-x", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="extra AUTH fields"
-    )
+    test.add_argument("-x", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="extra AUTH fields")
     test.add_argument("user")
     test.add_argument("password")
     test.set_defaults(func=cmd_test)
@@ -192,6 +261,42 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--socket", "-a", required=True, help="auth-userdb or auth-master socket")
     listing.add_argument("mask", nargs="?", default="*")
     listing.set_defaults(func=cmd_list)
+
+    reloading = commands.add_parser(
+        "reload", help="check the config and scripts, then make the running daemon load them (SIGHUP)"
+    )
+    reloading.add_argument("--config", "-c", required=True)
+    reloading.add_argument("--socket", "-a", help="a socket of the daemon (default: the config's first listener)")
+    reloading.set_defaults(func=cmd_reload)
+
+    hashing = commands.add_parser("pw", help="hash a password for a passdb, like doveadm pw")
+    from authd import pw
+
+    pw.add_arguments(hashing)
+    hashing.set_defaults(func=cmd_pw)
+
+    cache = commands.add_parser("cache", help="the auth cache")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    flush = cache_commands.add_parser("flush", help="drop cached entries, like doveadm auth cache flush")
+    flush.add_argument("--socket", "-a", required=True, help="auth-master socket")
+    flush.add_argument("users", nargs="*", help="only these users (default: everything)")
+    flush.set_defaults(func=cmd_cache_flush)
+
+    trying = commands.add_parser(
+        "try", help="run a script's entry points for one request, in-process, as the daemon would"
+    )
+    trying.add_argument("--script", required=True, help="the Lua script")
+    trying.add_argument("--dialect", choices=("2.3", "2.4"), default="2.3")
+    trying.add_argument("--userdb", action="store_true", help="also look the user up (auth_userdb_lookup)")
+    trying.add_argument(
+        "--setting", action="append", default=[], metavar="KEY=VALUE", help="2.4 lua_settings for script_init"
+    )
+    trying.add_argument(
+        "-x", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="request fields (service=...)"
+    )
+    trying.add_argument("user")
+    trying.add_argument("password", nargs="?", help="authenticate with PLAIN (omit with --userdb for a lookup only)")
+    trying.set_defaults(func=cmd_try)
 
     args = parser.parse_args(argv)
     try:

@@ -20,9 +20,11 @@ from lua_api.results import PassdbResult
 from protocol.client import AuthClientServer, HandshakeSettings, TakenRequest
 from protocol.errors import PeerError
 from protocol.events import (
+    AnonymousLoggedIn,
     Authenticated,
     AuthFailed,
     AuthStarted,
+    CertUsernameWanted,
     ClientConnected,
     ClientEvent,
     CredentialsWanted,
@@ -43,9 +45,7 @@ RECEIVE_SIZE = 65536
 class ClientConnection:
     """Serves one connected auth client until it disconnects or breaks the protocol."""
 
-    def __init__(
-        self, server: Server, stream: trio.abc.Stream, *, login: bool, handshake: str, where: str
-    ) -> None:
+    def __init__(self, server: Server, stream: trio.abc.Stream, *, login: bool, handshake: str, where: str) -> None:
         self.server = server
         self.stream = stream
         self.login = login
@@ -69,6 +69,8 @@ class ClientConnection:
 
     async def run(self) -> None:
         self.server.add_client(self)
+        gauge = self.server.metrics.connections.labels("login" if self.login else "client")
+        gauge.inc()
         self.proto.initiate()
         try:
             async with trio.open_nursery() as nursery:
@@ -80,6 +82,7 @@ class ClientConnection:
             # A bug of ours must cost one connection, never the daemon.
             log.exception("client.internal_error", listener=self.where, pid=self.proto.pid)
         finally:
+            gauge.dec()
             self.closed = True
             self.server.forget_client(self)
             with trio.move_on_after(1) as cleanup:
@@ -145,6 +148,12 @@ class ClientConnection:
                 self._nursery.start_soon(self._guarded, event.request_id, self._verify, event)
             elif isinstance(event, CredentialsWanted):
                 self._nursery.start_soon(self._guarded, event.request_id, self._credentials, event)
+            elif isinstance(event, CertUsernameWanted):
+                req = self.requests.get(event.request_id)
+                if req is not None:
+                    self.dispatch(self.proto.cert_username_result(req.id, req.user is not None))
+            elif isinstance(event, AnonymousLoggedIn):
+                self._anonymous(event)
             elif isinstance(event, Authenticated):
                 self._nursery.start_soon(self._guarded, event.request_id, self._succeed, event.request_id)
             elif isinstance(event, AuthFailed):
@@ -189,12 +198,25 @@ class ClientConnection:
         req.client_pid = self.proto.pid if self.login and self.proto.pid else 0
         req.import_params(event.params, auth=True)
         self.requests[req.id] = req
+        auth = self.server.config.auth
+        refusal = None
+        if auth.ssl_require_client_cert and not req.valid_client_cert:
+            refusal = "Client didn't present valid SSL certificate"
+        elif auth.ssl_require_client_cert and auth.ssl_username_from_cert and not req.cert_username:
+            refusal = "SSL certificate didn't contain username"
+        if refusal is not None:
+            log.info("auth.refused", message=refusal, **req.log_context())
+            self.dispatch(self.proto.refuse(req.id, refusal.encode()))
+            self.server.log_result(req, "refused")
+            await self.flush()
+            return
         # Dovecot waits out the per-IP penalty before running the mechanism; a CONT
         # arriving meanwhile is an "Unexpected continuation".
         ident = self.server.penalty.ident(req.remote_ip, no_penalty=req.no_penalty)
         if ident is not None:
             req.last_penalty = self.server.penalty.lookup(ident)
             if req.last_penalty:
+                self.server.metrics.penalty_waits.inc()
                 await trio.sleep(penalty_to_secs(req.last_penalty))
                 if not self._current(req):
                     return
@@ -213,20 +235,32 @@ class ClientConnection:
             return
         self.dispatch(self.proto.username_result(req.id, True))
 
+    def _anonymous(self, event: AnonymousLoggedIn) -> None:
+        """mech-anonymous: the user becomes anonymous_username, no passdb asked."""
+        req = self.requests.get(event.request_id)
+        if req is None:
+            return
+        trace = event.trace.decode("utf-8", "replace")[:256]
+        log.info("auth.anonymous", message="login", trace=trace, **req.log_context())
+        req.user = self.server.rules.anonymous_username.encode()
+        req.passdb_success = True
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guarded, req.id, self._succeed, req.id)
+
     async def _verify(self, event: PasswordReceived) -> None:
         req = self.requests.get(event.request_id)
         if req is None:
             return
         try:
-            if event.username is not None:
-                req.set_username(event.username)
+            req.set_username(event.username)
             if event.authzid:
                 req.set_login_username(event.authzid)
         except UsernameError as exc:
             log.info("auth.invalid_username", message=str(exc), **req.log_context())
             await self._fail(req)
             return
-        result = await self.server.passdbs.verify_plain(req, event.password)
+        with self.server.generation.use() as generation:
+            result = await generation.passdbs.verify_plain(req, event.password)
         if not self._current(req):
             return
         self.dispatch(self.proto.password_result(req.id, _verdict(result)))
@@ -244,7 +278,8 @@ class ClientConnection:
             log.info("auth.invalid_username", message=str(exc), **req.log_context())
             await self._fail(req)
             return
-        result, credentials = await self.server.passdbs.lookup_credentials(req, event.scheme)
+        with self.server.generation.use() as generation:
+            result, credentials = await generation.passdbs.lookup_credentials(req, event.scheme)
         if not self._current(req):
             return
         self.dispatch(self.proto.credentials_result(req.id, _verdict(result), credentials or b""))
@@ -270,9 +305,7 @@ class ClientConnection:
         if req.last_penalty:
             self._penalize(req, 0)  # a success resets the address's penalty
         keep = req if self.login and b"nologin" not in extra and b"proxy" not in extra else None
-        self.proto.succeed(
-            req.id, req.user or b"", list(extra), req.reply_trailer(login=self.login), keep=keep
-        )
+        self.proto.succeed(req.id, req.user or b"", list(extra), req.reply_trailer(login=self.login), keep=keep)
         if keep is None:
             self.requests.pop(req.id, None)
         self.server.log_result(req, "ok")
@@ -320,6 +353,7 @@ class ClientConnection:
         if ident is not None:
             self.server.penalty.update(ident, value, user=req.user or b"", password=req.mech_password)
             if value:
+                self.server.metrics.penalties.inc()
                 log.info("auth.penalty", penalty=value, **req.log_context())
 
 

@@ -19,7 +19,6 @@ from authd.userdb import PrefetchUserdb, UserdbChain, UserdbDriver, UserdbEntry
 from config.schema import Config, PassdbSettings, UserdbSettings
 from lua_api.runtime import StateOptions
 
-
 #: Drivers whose results Dovecot caches by default, and their default cache_key.
 DEFAULT_CACHE_KEYS = {"lua": "%u", "passwd-file": "%u"}
 DEFAULT_SCHEMES = {"lua": "PLAIN", "passwd-file": "CRYPT", "static": "PLAIN"}
@@ -43,9 +42,7 @@ def _args(text: str) -> dict[str, str]:
 def build_passdbs(
     config: Config, state_options: Callable[[], StateOptions], limiter: trio.CapacityLimiter
 ) -> PassdbChain:
-    return PassdbChain(
-        [_passdb(config, index, p, state_options, limiter) for index, p in enumerate(config.passdbs)]
-    )
+    return PassdbChain([_passdb(config, index, p, state_options, limiter) for index, p in enumerate(config.passdbs)])
 
 
 def _passdb(
@@ -67,6 +64,9 @@ def _passdb(
             limiter=limiter,
             db_id=index + 1,
             debug=config.auth.debug,
+            dialect=settings.dialect,
+            lua_settings=settings.settings,
+            name=settings.name,
         )
     elif settings.driver == "static":
         driver = StaticPassdb(settings.args)
@@ -83,6 +83,7 @@ def _passdb(
         name=settings.name,
         db_id=index + 1,
         cache_key=_cache_key(settings.cache_key, DEFAULT_CACHE_KEYS.get(settings.driver)),
+        cache_key_from_script=settings.driver == "lua" and settings.dialect == "2.4",
         default_scheme=settings.scheme or DEFAULT_SCHEMES[settings.driver],
         deny=settings.deny,
         master=settings.master,
@@ -128,19 +129,21 @@ def _userdb(
             limiter=limiter,
             db_id=index + 1,
             debug=config.auth.debug,
+            dialect=settings.dialect,
+            lua_settings=settings.settings,
+            name=settings.name,
         )
     elif settings.driver == "static":
         driver = StaticUserdb(settings.args, passdbs)
     else:
         assert settings.file is not None
-        driver = PasswdFileUserdb(
-            str(settings.file), username_format=_args(settings.args).get("username_format", "%u")
-        )
+        driver = PasswdFileUserdb(str(settings.file), username_format=_args(settings.args).get("username_format", "%u"))
     return UserdbEntry(
         driver=driver,
         name=settings.name,
         db_id=index + 1,
         cache_key=_cache_key(settings.cache_key, DEFAULT_CACHE_KEYS.get(settings.driver)),
+        cache_key_from_script=settings.driver == "lua" and settings.dialect == "2.4",
         skip=settings.skip,
         result_success=Rule(settings.result_success),
         result_failure=Rule(settings.result_failure),

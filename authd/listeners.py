@@ -47,18 +47,36 @@ def open_unix(settings: ListenerSettings) -> socket.socket:
         path.parent.mkdir(parents=True, exist_ok=True)
         _unlink_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        os.chmod(path, settings.mode)
-        uid = pwd.getpwnam(settings.user).pw_uid if settings.user else -1
-        gid = grp.getgrnam(settings.group).gr_gid if settings.group else -1
-        if uid != -1 or gid != -1:
-            os.chown(path, uid, gid)
-        sock.listen(128)
-    except KeyError as exc:
-        raise ListenerError(f"{path}: unknown user or group {exc.args[0]}") from None
     except OSError as exc:
         raise ListenerError(f"{path}: {exc.strerror}") from None
+    try:
+        sock.bind(str(path))
+        set_permissions(settings)
+        sock.listen(128)
+    except (OSError, ListenerError) as exc:
+        sock.close()
+        path.unlink(missing_ok=True)
+        if isinstance(exc, ListenerError):
+            raise
+        raise ListenerError(f"{path}: {exc.strerror}") from None
     return sock
+
+
+def set_permissions(settings: ListenerSettings) -> None:
+    """Give a unix socket file its configured mode, owner and group."""
+    assert settings.path is not None
+    path = settings.path
+    try:
+        uid = pwd.getpwnam(settings.user).pw_uid if settings.user else -1
+        gid = grp.getgrnam(settings.group).gr_gid if settings.group else -1
+    except KeyError as exc:
+        raise ListenerError(f"{path}: unknown user or group {exc.args[0]}") from None
+    try:
+        os.chmod(path, settings.mode)
+        if uid != -1 or gid != -1:
+            os.chown(path, uid, gid)
+    except OSError as exc:
+        raise ListenerError(f"{path}: {exc.strerror}") from None
 
 
 def open_tcp(settings: ListenerSettings) -> socket.socket:

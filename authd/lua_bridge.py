@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from dataclasses import replace
 
 import structlog
 
 from authd.auth_request import AuthRequest
 from authd.passwords import verify
+from lua_api.library import EventLog
 from lua_api.request import LuaRequest
 from lua_api.var_expand import ExpandContext
 
@@ -32,10 +34,21 @@ def expand_context(environment: Mapping[str, str]) -> ExpandContext:
 
 
 def lua_request(
-    req: AuthRequest, environment: ExpandContext, *, userdb_lookup: bool = False, db_id: int | None = None
+    req: AuthRequest,
+    environment: ExpandContext,
+    *,
+    userdb_lookup: bool = False,
+    db_id: int | None = None,
+    db_name: str = "lua",
+    hide_password: bool = False,
 ) -> LuaRequest:
+    """The request as a script sees it. `hide_password`: as a Dovecot auth worker sees a
+    userdb request, which auth_request_export() sends without the password."""
+    variables = req.vars(db_id=db_id)
+    if hide_password:
+        variables = replace(variables, mech_password=None)
     return LuaRequest(
-        vars=req.vars(db_id=db_id),
+        vars=variables,
         context=req,
         passdb_fields=req.extra_fields.as_dict(),
         userdb_fields=req.userdb_reply.as_dict() if req.userdb_reply is not None else {},
@@ -47,6 +60,7 @@ def lua_request(
         },
         userdb_lookup=userdb_lookup,
         expand_context=environment,
+        db_name=db_name,
     )
 
 
@@ -58,8 +72,22 @@ class DaemonScriptHost:
         self.debug = debug
 
     def log(self, level: int, message: str, context: object | None) -> None:
-        fields: dict[str, str] = {"script": self.script}
-        if isinstance(context, AuthRequest):
+        fields: dict[str, object] = {"script": self.script}
+        if isinstance(context, EventLog):
+            # An event's line carries its own prefix; a req:event() child is shown at
+            # debug level when the request is (auth_debug or the client's debug flag).
+            request = context.request
+            wants_debug = context.forced_debug or self.debug
+            if isinstance(request, AuthRequest):
+                wants_debug = wants_debug or request.debug
+                fields.update(request.log_context())
+            if level == 0 and not wants_debug:
+                return
+            if context.name is not None:
+                fields["event_name"] = context.name
+            if context.fields:
+                fields["event_fields"] = context.fields
+        elif isinstance(context, AuthRequest):
             if level == 0 and not (self.debug or context.debug):
                 return  # req:log_debug is shown only with auth debug, as in Dovecot
             fields.update(context.log_context())

@@ -7,6 +7,7 @@ script (nopassword, missing passwords, the default scheme, log lines).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -14,8 +15,8 @@ import trio
 
 from authd.auth_request import AuthRequest
 from authd.lua_bridge import DaemonScriptHost, expand_context, lua_request
-from authd.passdb import verify_password
-from authd.passwords import SchemeNotAvailable, credentials, split_scheme
+from authd.password_check import handle_credentials, password_missing, verify_password
+from authd.passwords import split_scheme
 from lua_api.pool import ScriptPool, thread_executor
 from lua_api.results import IterateResult, LookupResult, PassdbResult, UserdbResult
 from lua_api.runtime import StateOptions, run_in_loop
@@ -39,20 +40,45 @@ class LuaScriptDb:
         limiter: trio.CapacityLimiter,
         db_id: int,
         debug: bool = False,
+        dialect: str = "2.3",
+        lua_settings: tuple[tuple[str, str], ...] = (),
+        name: str = "",
     ) -> None:
         self.path = path
+        self.blocking = blocking
         self.db_id = db_id
+        self.dialect = dialect
+        #: How log prefixes name this db: its `name` setting, else the driver's name.
+        self.log_name = name or "lua"
+        #: 2.4: the template auth_*_get_cache_key() returned, set by start(); None: not cached.
+        self.cache_key_template: bytes | None = None
         self.environment = expand_context(dict(options.environment))
+        options = replace(options, dialect=dialect, lua_settings=lua_settings)
         run = thread_executor(limiter) if blocking else run_in_loop
         self.pool = ScriptPool(
             path, DaemonScriptHost(str(path), debug=debug), options, size=workers if blocking else 1, run=run
         )
 
     async def start(self) -> None:
+        """Load the script into every state (then, in 2.4, ask it for its cache key).
+
+        Failures raise ScriptLoadError with the text Dovecot's fatal error has:
+        `passdb-lua: initialization failed: ...` (2.3), or 2.4's wording per stage.
+        """
         try:
             await self.pool.start()
+            for script in self.pool.scripts:
+                await script.load_cache_key(self.kind, self.pool.run)
+            self.cache_key_template = self.pool.scripts[0].cache_key_template
         except ScriptLoadError as exc:
-            raise ScriptLoadError(f"{self.kind}-lua: initialization failed: {exc}") from None
+            if self.dialect != "2.4":
+                raise ScriptLoadError(f"{self.kind}-lua: initialization failed: {exc}") from None
+            if exc.stage == "file":
+                raise ScriptLoadError(f"{self.kind}-lua: Lua script '{self.path}': {exc}") from None
+            if exc.stage == "cache_key":
+                hook = f"auth_{self.kind}_get_cache_key"
+                raise ScriptLoadError(f"{self.kind}-lua: {hook}() failed: {exc}") from None
+            raise ScriptLoadError(f"{self.kind}-lua: script_init() failed: {exc}") from None
 
     async def close(self) -> None:
         for error in await self.pool.close():
@@ -77,7 +103,7 @@ class LuaPassdb(LuaScriptDb):
 
     async def verify_plain(self, req: AuthRequest, password: bytes) -> int:
         if self.pool.has_password_verify:
-            binding = lua_request(req, self.environment, db_id=self.db_id)
+            binding = lua_request(req, self.environment, db_id=self.db_id, db_name=self.log_name)
 
             async def call(script: Script) -> LookupResult:
                 return await script.password_verify(binding, password, self.pool.run)
@@ -86,7 +112,7 @@ class LuaPassdb(LuaScriptDb):
             self._apply_fields(req, result, userdb=False)
             if result.code == PassdbResult.PASSWORD_MISMATCH:
                 log.info("auth.password_mismatch", message="Password mismatch", **req.log_context())
-            elif result.code == PassdbResult.INTERNAL_FAILURE and result.error:
+            elif result.code == PassdbResult.INTERNAL_FAILURE and result.error is not None:
                 log.error("lua.error", message=f"passdb-lua: {result.error}", **req.log_context())
             return result.code
         code, scheme, stored = await self.lookup(req)
@@ -97,29 +123,11 @@ class LuaPassdb(LuaScriptDb):
     async def lookup_credentials(self, req: AuthRequest, scheme: str) -> tuple[int, bytes | None]:
         """passdb_lua_lookup_credentials + passdb_handle_credentials."""
         code, stored_scheme, password = await self.lookup(req)
-        if code != PassdbResult.OK:
-            return code, None
-        if b"noauthenticate" in req.extra_fields:
-            return PassdbResult.NEXT, None
-        if password is None:
-            if scheme:
-                log.info(
-                    "auth.credentials",
-                    message=f"Requested {scheme} scheme, but we have a NULL password",
-                    **req.log_context(),
-                )
-                return PassdbResult.SCHEME_NOT_AVAILABLE, None
-            return code, None
-        stored = b"{" + (stored_scheme or "PLAIN").encode() + b"}" + password
-        try:
-            return code, credentials(stored, scheme, user=req.original_user or b"")
-        except SchemeNotAvailable as exc:
-            log.info("auth.credentials", message=str(exc), **req.log_context())
-            return PassdbResult.SCHEME_NOT_AVAILABLE, None
+        return handle_credentials(req, code, password, stored_scheme or "PLAIN", scheme)
 
     async def lookup(self, req: AuthRequest) -> tuple[int, str | None, bytes | None]:
         """passdb_lua_lookup: run auth_passdb_lookup and post-process its password."""
-        binding = lua_request(req, self.environment, db_id=self.db_id)
+        binding = lua_request(req, self.environment, db_id=self.db_id, db_name=self.log_name)
 
         async def call(script: Script) -> LookupResult:
             return await script.passdb_lookup(binding, self.pool.run)
@@ -131,7 +139,7 @@ class LuaPassdb(LuaScriptDb):
             scheme, password = split_scheme(password)  # password_get_scheme, `$1$` included
         if scheme is None and not result.password_in_table and code in (PassdbResult.OK, PassdbResult.NEXT):
             scheme = "PLAIN"  # the string form never uses the passdb's default scheme
-        if code == PassdbResult.INTERNAL_FAILURE and result.error:
+        if code == PassdbResult.INTERNAL_FAILURE and result.error is not None:
             log.error("lua.error", message=f"db-lua: {result.error}", **req.log_context())
         elif code != PassdbResult.OK:
             pass
@@ -142,19 +150,9 @@ class LuaPassdb(LuaScriptDb):
                 scheme = scheme or self.default_scheme
                 req.set_field(b"password", password, scheme)
         elif password:
-            log.info(
-                "auth.nopassword", message="nopassword given and password is not empty", **req.log_context()
-            )
+            log.info("auth.nopassword", message="nopassword given and password is not empty", **req.log_context())
             code = PassdbResult.PASSWORD_MISMATCH
         return code, scheme, password
-
-
-def password_missing(req: AuthRequest) -> int:
-    """auth_request_password_missing."""
-    if req.skip_password_check:
-        return PassdbResult.OK
-    log.info("auth.no_password", message="No password returned (and no nopassword)", **req.log_context())
-    return PassdbResult.PASSWORD_MISMATCH
 
 
 class LuaUserdb(LuaScriptDb):
@@ -163,14 +161,21 @@ class LuaUserdb(LuaScriptDb):
     kind = "userdb"
 
     async def lookup(self, req: AuthRequest) -> int:
-        binding = lua_request(req, self.environment, userdb_lookup=True, db_id=self.db_id)
+        binding = lua_request(
+            req,
+            self.environment,
+            userdb_lookup=True,
+            db_id=self.db_id,
+            db_name=self.log_name,
+            hide_password=self.blocking,
+        )
 
         async def call(script: Script) -> LookupResult:
             return await script.userdb_lookup(binding, self.pool.run)
 
         result = await self.pool.call(call)
         self._apply_fields(req, result, userdb=True)
-        if result.code == UserdbResult.INTERNAL_FAILURE and result.error:
+        if result.code == UserdbResult.INTERNAL_FAILURE and result.error is not None:
             log.error("lua.error", message=f"userdb-lua: {result.error}", **req.log_context())
         return result.code
 

@@ -81,6 +81,8 @@ class MasterConnection:
 
     async def run(self) -> None:
         self.proto.initiate()
+        gauge = self.server.metrics.connections.labels("userdb" if self.proto.userdb_only else "master")
+        gauge.inc()
         try:
             async with trio.open_nursery() as nursery:
                 await self.flush()
@@ -89,6 +91,7 @@ class MasterConnection:
         except Exception:
             log.exception("master.internal_error", listener=self.where)
         finally:
+            gauge.dec()
             self.closed = True
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
@@ -167,7 +170,8 @@ class MasterConnection:
         return req
 
     async def _user(self, req: AuthRequest) -> None:
-        result = await self.server.userdbs.lookup(req)
+        with self.server.generation.use() as generation:
+            result = await generation.userdbs.lookup(req)
         self._reply_user(req, result)
 
     def _reply_user(self, req: AuthRequest, result: int) -> None:
@@ -192,7 +196,7 @@ class MasterConnection:
         else:
             reason = reply.find(b"reason") if req.userdb_lookup_tempfailed and reply is not None else None
             self.proto.failed(req.id, reason)
-        self.server.log_result(req, {1: "ok", -2: "notfound"}.get(result, "temp_fail"))
+        self.server.log_result(req, {1: "ok", -2: "notfound"}.get(result, "temp_fail"), command="USER")
 
     # --- PASS -----------------------------------------------------------------------
 
@@ -206,7 +210,8 @@ class MasterConnection:
             )
             self.proto.failed(req.id)
             return
-        result, _ = await self.server.passdbs.lookup_credentials(req, "")
+        with self.server.generation.use() as generation:
+            result, _ = await generation.passdbs.lookup_credentials(req, "")
         if result == PassdbResult.OK:
             if req.failed or not req.passdb_success:
                 self.proto.failed(req.id)
@@ -226,7 +231,8 @@ class MasterConnection:
             log.error("userdb.restricted", message="Auth client doesn't have permissions to list users")
             self.proto.list_done(event.request_id, failed=True)
             return
-        results = await self.server.userdbs.iterate()
+        with self.server.generation.use() as generation:
+            results = await generation.userdbs.iterate()
         if not results:
             log.error("userdb.iterate", message="Trying to iterate users, but userdbs don't support it")
             self.proto.list_done(event.request_id, failed=True)
@@ -245,9 +251,7 @@ class MasterConnection:
         """master_input_request + auth_request_handler_master_request."""
         client = self.server.login_clients.get(event.client_pid)
         if client is None:
-            log.error(
-                "master.request", message=f"Master requested auth for nonexistent client {event.client_pid}"
-            )
+            log.error("master.request", message=f"Master requested auth for nonexistent client {event.client_pid}")
             self.proto.failed(event.request_id)
             return
         if not hmac.compare_digest(client.proto.cookie, event.cookie):
@@ -291,7 +295,8 @@ class MasterConnection:
             self.proto.failed(event.request_id)
             return
         req.id = event.request_id
-        result = await self.server.userdbs.lookup(req)
+        with self.server.generation.use() as generation:
+            result = await generation.userdbs.lookup(req)
         if req.userdb_lookup_tempfailed:
             result = UserdbResult.INTERNAL_FAILURE
         if result == UserdbResult.OK:

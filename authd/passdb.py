@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
 
 from authd.auth_request import AuthRequest
-from authd.cache_glue import PassdbCache
+from authd.cache_glue import PassdbCache, Template24
 from authd.password_check import handle_credentials
-from authd.password_check import verify_password as verify_password
 from lua_api.results import PassdbResult
 
 log = structlog.get_logger("authd.passdb")
@@ -63,6 +63,13 @@ class PassdbEntry:
     #: The canonical cache key template (auth_cache_parse_key); None: not cached.
     cache_key: bytes | None = None
     default_scheme: str = "PLAIN"
+    #: 2.4 Lua: the cache key is what the script's auth_*_get_cache_key() returns (after start).
+    cache_key_from_script: bool = False
+
+    @property
+    def label(self) -> str:
+        """How metrics and logs name this passdb: its name, else its position."""
+        return self.name or f"passdb{self.db_id}"
 
     def wants_skip(self, req: AuthRequest) -> bool:
         """auth_request_want_skip_passdb."""
@@ -102,6 +109,8 @@ class PassdbChain:
 
     entries: list[PassdbEntry] = field(default_factory=list)
     cache: PassdbCache | None = None
+    #: Called with (db name, "passdb", seconds) after each backend call (metrics).
+    observe: Callable[[str, str, float], None] = lambda db, kind, seconds: None
 
     @property
     def normal(self) -> list[PassdbEntry]:
@@ -114,6 +123,9 @@ class PassdbChain:
     async def start(self) -> None:
         for entry in self.entries:
             await entry.driver.start()
+            if entry.cache_key_from_script:
+                template = getattr(entry.driver, "cache_key_template", None)
+                entry.cache_key = Template24(template) if template is not None else None
 
     async def close(self) -> None:
         for entry in self.entries:
@@ -182,7 +194,9 @@ class PassdbChain:
             cached = cache.verify_plain(req, entry.cache_key, entry.db_id, password, use_expired=False)
             if cached is not None:
                 return cached
+        started = time.monotonic()
         result = await entry.driver.verify_plain(req, password)
+        self.observe(entry.label, "passdb", time.monotonic() - started)
         if result == PassdbResult.OK and b"noauthenticate" in req.extra_fields:
             result = PassdbResult.NEXT
         if cache is None or entry.cache_key is None:
@@ -204,7 +218,9 @@ class PassdbChain:
             cached = cache.lookup_credentials(req, entry.cache_key, entry.db_id, use_expired=False)
             if cached is not None:
                 return handle_credentials(req, cached[0], cached[1], cached[2] or "PLAIN", scheme)
+        started = time.monotonic()
         result, credentials = await entry.driver.lookup_credentials(req, scheme)
+        self.observe(entry.label, "passdb", time.monotonic() - started)
         if result == PassdbResult.OK and b"noauthenticate" in req.extra_fields:
             result = PassdbResult.NEXT
         if cache is None or entry.cache_key is None:

@@ -227,9 +227,7 @@ class PasswdFileUserdb:
     async def iterate(self) -> IterateResult:
         """Every user of the file (only for a fixed path, as in Dovecot)."""
         if b"%" in self.file.path_template:
-            log.error(
-                "userdb.passwd_file", message="Can't iterate users of a passwd-file path with %variables"
-            )
+            log.error("userdb.passwd_file", message="Can't iterate users of a passwd-file path with %variables")
             return IterateResult((), failed=True)
         try:
             users = self.file.users(self.file.path_template)

@@ -60,9 +60,7 @@ def handle_credentials(
             return PassdbResult.SCHEME_NOT_AVAILABLE, None
         return code, None
     try:
-        return code, credentials(
-            b"{" + scheme.encode() + b"}" + password, wanted, user=req.original_user or b""
-        )
+        return code, credentials(b"{" + scheme.encode() + b"}" + password, wanted, user=req.original_user or b"")
     except SchemeNotAvailable as exc:
         getattr(log, exc.log_level)("auth.credentials", message=str(exc), **req.log_context())
         return PassdbResult.SCHEME_NOT_AVAILABLE, None

@@ -17,11 +17,9 @@ import errno
 import functools
 import hashlib
 import hmac
-import math
 import os
 import re
 import secrets
-import struct
 from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +30,8 @@ import argon2.low_level
 import bcrypt
 from passlib.crypto.digest import lookup_hash  # type: ignore[import-untyped]
 from passlib.hash import md5_crypt  # type: ignore[import-untyped]
+
+from protocol.hmac_md5 import cram_md5_context, hmac_md5_from_cram_context
 
 __all__ = [
     "PASSWORD_MISMATCH",
@@ -192,74 +192,11 @@ def _random_salt(length: int) -> str:
     return "".join(secrets.choice(_SALT_CHARS) for _ in range(length))
 
 
-# --- MD5 with an exposed state, for CRAM-MD5's stored HMAC context ------------------------------
-# No library exposes MD5's intermediate state, which is what Dovecot stores for CRAM-MD5.
-
-_MD5_INITIAL_STATE: Final = (0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476)
-_MD5_SHIFTS: Final = (7, 12, 17, 22) * 4 + (5, 9, 14, 20) * 4 + (4, 11, 16, 23) * 4 + (6, 10, 15, 21) * 4
-_MD5_SINES: Final = tuple(int(abs(math.sin(i + 1)) * 2**32) & 0xFFFFFFFF for i in range(64))
-
-_MD5State = tuple[int, int, int, int]
-
-
-def _md5_compress(state: _MD5State, block: bytes) -> _MD5State:
-    """One application of the MD5 compression function (RFC 1321, section 3.4) to a 64-byte block."""
-    words = struct.unpack("<16I", block)
-    a, b, c, d = state
-    for step in range(64):
-        if step < 16:
-            mixed, index = (b & c) | (~b & d), step
-        elif step < 32:
-            mixed, index = (d & b) | (~d & c), (5 * step + 1) % 16
-        elif step < 48:
-            mixed, index = b ^ c ^ d, (3 * step + 5) % 16
-        else:
-            mixed, index = c ^ (b | ~d), (7 * step) % 16
-        total = (a + (mixed & 0xFFFFFFFF) + _MD5_SINES[step] + words[index]) & 0xFFFFFFFF
-        shift = _MD5_SHIFTS[step]
-        rotated = ((total << shift) | (total >> (32 - shift))) & 0xFFFFFFFF
-        a, b, c, d = d, (b + rotated) & 0xFFFFFFFF, b, c
-    return (
-        (state[0] + a) & 0xFFFFFFFF,
-        (state[1] + b) & 0xFFFFFFFF,
-        (state[2] + c) & 0xFFFFFFFF,
-        (state[3] + d) & 0xFFFFFFFF,
-    )
-
-
-def _md5_finish(state: _MD5State, data: bytes, already_hashed: int) -> bytes:
-    """MD5 digest of `data`, continuing from `state` after `already_hashed` (a multiple of 64) bytes."""
-    bit_length = ((already_hashed + len(data)) * 8) & 0xFFFFFFFFFFFFFFFF
-    message = data + b"\x80" + b"\0" * ((55 - len(data)) % 64) + struct.pack("<Q", bit_length)
-    for offset in range(0, len(message), 64):
-        state = _md5_compress(state, message[offset : offset + 64])
-    return struct.pack("<4I", *state)
-
-
-def _hmac_md5_pads(key: bytes) -> tuple[bytes, bytes]:
-    if len(key) > 64:
-        key = hashlib.md5(key).digest()
-    key = key.ljust(64, b"\0")
-    return bytes(byte ^ 0x36 for byte in key), bytes(byte ^ 0x5C for byte in key)
+# --- CRAM-MD5: the HMAC-MD5 state after the key blocks (protocol.hmac_md5 does the MD5 work) ------
 
 
 def _cram_md5_context(plain: bytes, params: _Params) -> bytes:
-    """The HMAC-MD5 state after the key blocks (outer state first), as hmac_md5_get_cram_context()."""
-    inner_pad, outer_pad = _hmac_md5_pads(plain)
-    outer = _md5_compress(_MD5_INITIAL_STATE, outer_pad)
-    inner = _md5_compress(_MD5_INITIAL_STATE, inner_pad)
-    return struct.pack("<8I", *outer, *inner)
-
-
-def hmac_md5_from_cram_context(context: bytes, message: bytes) -> bytes:
-    """HMAC-MD5(password, message) from a stored 32-byte CRAM-MD5 context, without the password.
-
-    This is what the CRAM-MD5 mechanism needs to check a response against credentials().
-    """
-    if len(context) != 32:
-        raise ValueError("CRAM-MD5 context must be 32 bytes")
-    a, b, c, d, e, f, g, h = struct.unpack("<8I", context)
-    return _md5_finish((a, b, c, d), _md5_finish((e, f, g, h), message, 64), 64)
+    return cram_md5_context(plain)
 
 
 # --- crypt(3) --------------------------------------------------------------------------------------

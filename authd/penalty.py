@@ -47,11 +47,15 @@ class PenaltyTracker:
         max_records: int = 100_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.enabled = enabled
-        self.trusted = [ipaddress.ip_network(net, strict=False) for net in trusted_networks]
+        self.configure(trusted_networks, enabled=enabled)
         self.max_records = max_records
         self.clock = clock
         self._records: OrderedDict[str, _Record] = OrderedDict()
+
+    def configure(self, trusted_networks: Sequence[str], *, enabled: bool) -> None:
+        """Apply [auth] penalty and trusted_networks (at start and on reload; records stay)."""
+        self.enabled = enabled
+        self.trusted = [ipaddress.ip_network(net, strict=False) for net in trusted_networks]
 
     def __len__(self) -> int:
         return len(self._records)

@@ -1,7 +1,9 @@
 """The daemon: builds passdbs from the config, opens listeners, serves connections.
 
 Everything runs under one trio nursery. SIGTERM/SIGINT stop accepting, let the
-connection tasks end, and run script_deinit() on every Lua state.
+connection tasks end, and run script_deinit() on every Lua state. SIGHUP, a script
+edit or `authd reload` reload the config and scripts without dropping anything
+(authd.reload).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -24,13 +27,20 @@ from authd.cache_glue import PassdbCache, UserdbCache
 from authd.client_conn import ClientConnection
 from authd.databases import build_passdbs, build_userdbs
 from authd.failure_delay import FailureDelay
-from authd.listeners import open_listener
+from authd.listeners import ListenerError, open_listener, set_permissions
 from authd.lua_bridge import expand_context
 from authd.master_conn import MasterConnection, auth_token
+from authd.metrics import Metrics, serve_metrics
+from authd.passdb import PassdbChain
 from authd.penalty import PenaltyTracker
-from config.schema import Config, ListenerSettings
+from authd.reload import Generation, ScriptWatcher, script_files
+from authd.userdb import UserdbChain
+from config import ConfigError, load_config
+from config.schema import CacheSettings, Config, ListenerSettings, MetricsSettings
+from lua_api.dns import DnsExtension
 from lua_api.http import HttpExtension
 from lua_api.runtime import StateOptions
+from lua_api.script import ScriptLoadError
 from protocol.mechanisms import MECHANISMS, Mechanism
 
 log = structlog.get_logger("authd.server")
@@ -42,6 +52,8 @@ class ListenerInfo:
     listener: trio.SocketListener
     #: Sockets we created (and remove at exit), as opposed to inherited ones.
     owned: bool = True
+    #: Cancelled to stop accepting on this listener (a reload removed it).
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 class Server:
@@ -50,59 +62,99 @@ class Server:
     def __init__(self, config: Config, *, listeners: list[ListenerInfo] | None = None) -> None:
         self.config = config
         self._given_listeners = listeners
+        #: Listeners came from systemd socket units (so not from the config).
+        self._activated = False
         self._shutdown = trio.Event()
         #: Dovecot's master sends SIGINT for idle kills; a service must ignore it.
         self.stop_on_sigint = listeners is None
         self.spid = os.getpid()
         self._cuid = itertools.count(1)
-        auth = config.auth
-        self.rules = UsernameRules(
-            chars=auth.username_chars,
-            translation=auth.username_translation,
-            format=auth.username_format,
-            default_realm=auth.default_realm,
-            anonymous_username=auth.anonymous_username,
-            master_user_separator=auth.master_user_separator,
-            master_passdbs=any(p.master for p in config.passdbs),
-            expand_context=expand_context(self._environment()),
-        )
-        self.mechanisms: list[type[Mechanism]] = [MECHANISMS[m.upper()] for m in auth.mechanisms]
-        self.failure_delay = FailureDelay(auth.failure_delay)
-        self.penalty = PenaltyTracker(auth.trusted_networks, enabled=auth.penalty)
+        self.metrics = Metrics()
+        self.failure_delay = FailureDelay(config.auth.failure_delay)
+        self.penalty = PenaltyTracker(config.auth.trusted_networks, enabled=config.auth.penalty)
         self.limiter = trio.CapacityLimiter(config.lua.workers)
-        self.passdbs = build_passdbs(config, self._state_options, self.limiter)
-        self.userdbs = build_userdbs(config, self._state_options, self.limiter, self.passdbs)
-        self.cache: AuthCache | None = None
-        if config.cache.size > 0 and config.cache.ttl > 0:
-            self.cache = AuthCache(config.cache.size, config.cache.ttl, config.cache.negative_ttl)
-            self.passdbs.cache = PassdbCache(self.cache)
-            self.userdbs.cache = UserdbCache(self.cache)
+        self.cache = _new_cache(config.cache)
+        self.metrics.watch_cache(self._cache_stats)
+        self._generation_numbers = itertools.count(1)
+        self.generation = self._build_generation(config)
+        self._reload_lock = trio.Lock()
+        #: Old generations waiting for their last calls (closed at shutdown if still waiting).
+        self._retiring: set[Generation] = set()
+        self.watcher = ScriptWatcher(
+            lambda: script_files(self.config), self._scripts_changed, config.reload.watch_interval
+        )
+        self._watch_scope = trio.CancelScope()
+        self._metrics_scope = trio.CancelScope()
+        self.metrics_port: int | None = None
         self.token_secret = secrets.token_bytes(32)
         self.login_clients: dict[int, ClientConnection] = {}
         self.clients: set[ClientConnection] = set()
         self.listeners: list[ListenerInfo] = []
         self.ready = trio.Event()
 
-    def _environment(self) -> dict[str, str]:
-        """What scripts see of the environment: only [lua] import_environment, like Dovecot."""
-        names = self.config.lua.import_environment
-        return {name: os.environ[name] for name in names if name in os.environ}
+    # What the current generation (config version) answers with.
 
-    def _state_options(self) -> StateOptions:
-        lua = self.config.lua
-        environment = self._environment()
+    @property
+    def rules(self) -> UsernameRules:
+        return self.generation.rules
+
+    @property
+    def mechanisms(self) -> list[type[Mechanism]]:
+        return self.generation.mechanisms
+
+    @property
+    def passdbs(self) -> PassdbChain:
+        return self.generation.passdbs
+
+    @property
+    def userdbs(self) -> UserdbChain:
+        return self.generation.userdbs
+
+    def _build_generation(self, config: Config) -> Generation:
+        auth = config.auth
+        rules = UsernameRules(
+            chars=auth.username_chars,
+            translation=auth.username_translation,
+            format=auth.username_format,
+            default_realm=auth.default_realm,
+            anonymous_username=auth.anonymous_username,
+            ssl_username_from_cert=auth.ssl_username_from_cert,
+            master_user_separator=auth.master_user_separator,
+            master_passdbs=any(p.master for p in config.passdbs),
+            expand_context=expand_context(_environment(config)),
+        )
+        mechanisms: list[type[Mechanism]] = [MECHANISMS[m.upper()] for m in auth.mechanisms]
+        options = lambda: self._state_options(config)  # noqa: E731
+        passdbs = build_passdbs(config, options, self.limiter)
+        userdbs = build_userdbs(config, options, self.limiter, passdbs)
+        passdbs.observe = userdbs.observe = self.observe_db
+        if self.cache is not None:
+            passdbs.cache = PassdbCache(self.cache)
+            userdbs.cache = UserdbCache(self.cache)
+        return Generation(next(self._generation_numbers), config, rules, mechanisms, passdbs, userdbs)
+
+    def _cache_stats(self) -> tuple[int, int, int, int]:
+        cache = self.cache
+        return (cache.hits, cache.misses, len(cache), cache.size) if cache is not None else (0, 0, 0, 0)
+
+    def _state_options(self, config: Config) -> StateOptions:
+        lua = config.lua
+        environment = _environment(config)
         return StateOptions(
             version=lua.version,
             package_path=lua.package_path,
             package_cpath=lua.package_cpath,
             environment=environment,
             extensions=self._extensions(),
+            call_timeout=lua.call_timeout,
+            max_memory=lua.max_memory,
         )
 
     def _extensions(self) -> tuple[object, ...]:
         if not hasattr(self, "_http"):
             self._http = HttpExtension()
-        return (self._http,)
+            self._dns = DnsExtension()
+        return (self._http, self._dns)
 
     # --- shared state ------------------------------------------------------------
 
@@ -141,29 +193,39 @@ class Server:
 
     def auth_token(self, req: AuthRequest) -> bytes:
         assert req.session_pid is not None
-        return auth_token(
-            self.token_secret, req.service or b"", req.session_pid, req.user or b"", req.session
-        )
+        return auth_token(self.token_secret, req.service or b"", req.session_pid, req.user or b"", req.session)
 
-    def log_result(self, req: AuthRequest, result: str) -> None:
+    def log_result(self, req: AuthRequest, result: str, *, command: str = "AUTH") -> None:
+        """One log event and the metrics for every finished request (never the password)."""
+        duration = time.monotonic() - req.started
+        mech = (req.mech or b"").decode("latin-1")
+        service = (req.service or b"").decode("utf-8", "replace")
         log.info(
             "auth.request",
+            command=command,
             result=result,
-            mech=(req.mech or b"").decode("latin-1"),
-            duration_ms=round((time.monotonic() - req.started) * 1000, 1),
+            mech=mech,
+            duration_ms=round(duration * 1000, 1),
             **req.log_context(),
         )
+        if command == "AUTH":
+            self.metrics.auth_requests.labels(mech, service, result).inc()
+            self.metrics.auth_duration.observe(duration)
+        else:
+            self.metrics.lookups.labels(command, result).inc()
+
+    def observe_db(self, db: str, kind: str, seconds: float) -> None:
+        self.metrics.db_duration.labels(db, kind).observe(seconds)
 
     # --- running --------------------------------------------------------------------
 
     async def load(self) -> None:
         """Load every script into its states (raises ScriptLoadError)."""
-        await self.passdbs.start()
-        await self.userdbs.start()
+        await self.generation.start()
 
     async def close(self) -> None:
-        await self.passdbs.close()
-        await self.userdbs.close()
+        for generation in (*self._retiring, self.generation):
+            await generation.close()
         if hasattr(self, "_http"):
             await self._http.aclose()
 
@@ -173,12 +235,14 @@ class Server:
         try:
             self.listeners = self._open_listeners()
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self.failure_delay.serve)
                 nursery.start_soon(self._expire_requests)
                 nursery.start_soon(systemd.watchdog)
+                await self._start_metrics(self.config.metrics)
                 for info in self.listeners:
-                    nursery.start_soon(self._accept_loop, info, nursery)
-                    log.info("listener.ready", type=info.settings.type, where=info.settings.where)
+                    self._start_accepting(info)
+                self._start_watching()
                 self.ready.set()
                 systemd.notify("READY=1\nSTATUS=serving")
                 task_status.started(self)
@@ -189,18 +253,173 @@ class Server:
         finally:
             for info in self.listeners:
                 with trio.CancelScope(shield=True):
-                    await info.listener.aclose()
-                if info.owned and info.settings.path is not None:
-                    info.settings.path.unlink(missing_ok=True)
+                    await self._close_listener(info, unlink=True)
             with trio.CancelScope(shield=True):
                 await self.close()
             log.info("server.stopped")
+
+    def _start_accepting(self, info: ListenerInfo) -> None:
+        self._nursery.start_soon(self._accept_loop, info)
+        log.info("listener.ready", type=info.settings.type, where=info.settings.where)
+
+    async def _close_listener(self, info: ListenerInfo, *, unlink: bool) -> None:
+        info.scope.cancel()
+        await info.listener.aclose()
+        if unlink and info.owned and info.settings.path is not None:
+            info.settings.path.unlink(missing_ok=True)
+
+    async def _start_metrics(self, settings: MetricsSettings) -> None:
+        """(Re)start the metrics endpoint; a failure to bind is logged, never fatal."""
+        self._metrics_scope.cancel()
+        self._metrics_scope = trio.CancelScope()
+        self.metrics_port = None
+        if settings.address is None or settings.port is None:
+            return
+        try:
+            self.metrics_port = await self._nursery.start(self._serve_metrics, settings, self._metrics_scope)
+        except OSError as exc:
+            log.error("metrics.failed", address=settings.address, port=settings.port, message=str(exc))
+
+    async def _serve_metrics(
+        self, settings: MetricsSettings, scope: trio.CancelScope, *, task_status: trio.TaskStatus[int]
+    ) -> None:
+        assert settings.address is not None and settings.port is not None
+        with scope:
+            await serve_metrics(self.metrics, settings.address, settings.port, self._healthy, task_status=task_status)
+
+    def _start_watching(self) -> None:
+        self._watch_scope.cancel()
+        self._watch_scope = trio.CancelScope()
+        if self.config.reload.watch_scripts:
+            self.watcher.interval = self.config.reload.watch_interval
+            self._nursery.start_soon(self._watch, self._watch_scope)
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.watcher.run()
+
+    async def _scripts_changed(self, changed: list[Path]) -> None:
+        await self.reload("script changed: " + ", ".join(str(p) for p in changed), reread_config=False)
+
+    # --- reload -----------------------------------------------------------------------
+
+    async def reload(self, reason: str, *, reread_config: bool = True) -> bool:
+        """Load the config (if asked) and every script anew; switch only if all of it works.
+
+        One reload runs at a time. Requests never wait for one: until the switch they are
+        served by the old scripts, and calls running at the switch finish on them.
+        """
+        async with self._reload_lock:
+            log.info("reload.started", reason=reason)
+            systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=reloading")
+            try:
+                ok = await self._reload(reason, reread_config)
+            finally:
+                systemd.notify("READY=1\nSTATUS=serving")
+            self.metrics.reloads.labels("ok" if ok else "failed").inc()
+            return ok
+
+    async def _reload(self, reason: str, reread_config: bool) -> bool:
+        config = self.config
+        if reread_config and config.source is not None:
+            try:
+                config = load_config(config.source, require_listeners=self._listeners_from_config)
+            except ConfigError as exc:
+                log.error("reload.failed", reason=reason, message=str(exc))
+                return False
+        if config.cache != self.config.cache:
+            self.cache = _new_cache(config.cache)
+        new = self._build_generation(config)
+        try:
+            await new.start()
+            opened = self._open_added_listeners(config) if self._listeners_from_config else []
+        except (ScriptLoadError, ListenerError) as exc:
+            log.error("reload.failed", reason=reason, message=str(exc))
+            with trio.CancelScope(shield=True):
+                await new.close()
+            if config.cache != self.config.cache:
+                self.cache = _new_cache(self.config.cache)
+            return False
+        # The switch: nothing below awaits until every request sees the new generation.
+        old, old_config = self.generation, self.config
+        self.generation, self.config = new, config
+        self.failure_delay.delay = config.auth.failure_delay
+        self.penalty.configure(config.auth.trusted_networks, enabled=config.auth.penalty)
+        self.limiter.total_tokens = config.lua.workers
+        flushed = self.cache.clear() if self.cache is not None else 0
+        self._retiring.add(old)
+        self._nursery.start_soon(self._retire, old)
+        if self._listeners_from_config:
+            await self._switch_listeners(config, opened)
+        if config.metrics != old_config.metrics:
+            await self._start_metrics(config.metrics)
+        if config.reload != old_config.reload:
+            self._start_watching()
+        else:
+            self.watcher.reset()
+        log.info(
+            "reload.done",
+            reason=reason,
+            generation=new.number,
+            scripts=[str(p) for p in script_files(config)],
+            cache_flushed=flushed,
+        )
+        return True
+
+    async def _retire(self, generation: Generation) -> None:
+        await generation.retire()
+        self._retiring.discard(generation)
+
+    @property
+    def _listeners_from_config(self) -> bool:
+        return self._given_listeners is None and not self._activated
+
+    def _open_added_listeners(self, config: Config) -> list[ListenerInfo]:
+        """Open the listeners a new config adds; on any failure close those and raise."""
+        current = {info.settings.where for info in self.listeners}
+        opened: list[ListenerInfo] = []
+        try:
+            for settings in config.listeners:
+                if settings.where not in current:
+                    opened.append(ListenerInfo(settings, open_listener(settings)))
+        except ListenerError:
+            for info in opened:
+                info.listener.socket.close()
+                if info.settings.path is not None:
+                    info.settings.path.unlink(missing_ok=True)
+            raise
+        return opened
+
+    async def _switch_listeners(self, config: Config, opened: list[ListenerInfo]) -> None:
+        """Keep listeners the new config still has (their sockets and connections), update
+        their type and permissions, start the added ones, stop accepting on removed ones."""
+        wanted = {settings.where: settings for settings in config.listeners}
+        kept: list[ListenerInfo] = []
+        for info in self.listeners:
+            settings = wanted.get(info.settings.where)
+            if settings is None:
+                await self._close_listener(info, unlink=True)
+                log.info("listener.closed", type=info.settings.type, where=info.settings.where)
+                continue
+            if settings != info.settings:
+                if settings.path is not None:
+                    try:
+                        set_permissions(settings)
+                    except ListenerError as exc:
+                        log.error("listener.permissions", where=settings.where, message=str(exc))
+                info.settings = settings
+                log.info("listener.updated", type=settings.type, where=settings.where)
+            kept.append(info)
+        self.listeners = kept + opened
+        for info in opened:
+            self._start_accepting(info)
 
     def _open_listeners(self) -> list[ListenerInfo]:
         """Inherited sockets (Dovecot service, systemd socket units) win over the config's."""
         if self._given_listeners is not None:
             return self._given_listeners
         activated = systemd.activated_sockets()
+        self._activated = bool(activated)
         if activated:
             return [
                 ListenerInfo(
@@ -217,14 +436,20 @@ class Server:
             ]
         return [ListenerInfo(s, open_listener(s)) for s in self.config.listeners]
 
+    def _healthy(self) -> bool:
+        return self.ready.is_set() and not self._shutdown.is_set()
+
     def shutdown(self, reason: str) -> None:
         """Stop serving: close listeners, end connections, deinit scripts."""
         log.info("server.stopping", reason=reason)
         self._shutdown.set()
 
     async def _wait_for_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self._nursery.start_soon(partial(self.reload, "SIGHUP"))
+                    continue
                 if signum == signal.SIGINT and not self.stop_on_sigint:
                     log.info("server.ignoring_sigint", message="ignoring idle SIGINT from Dovecot's master")
                     continue
@@ -238,27 +463,44 @@ class Server:
             for conn in list(self.clients):
                 conn.dispatch(conn.proto.expire())
 
-    async def _accept_loop(self, info: ListenerInfo, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, info: ListenerInfo) -> None:
+        with info.scope:
+            while True:
+                try:
+                    stream = await info.listener.accept()
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:
+                    log.error("listener.accept_failed", where=info.settings.where, message=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                self._serve_connection(info, stream)
+
+    def _serve_connection(self, info: ListenerInfo, stream: trio.SocketStream) -> None:
+        """Start a connection task; it belongs to the server, not to the listener."""
         kind = info.settings.type
-        while True:
-            try:
-                stream = await info.listener.accept()
-            except OSError as exc:
-                log.error("listener.accept_failed", where=info.settings.where, message=str(exc))
-                await trio.sleep(0.1)
-                continue
-            if kind in ("client", "login"):
-                conn = ClientConnection(
-                    self,
-                    stream,
-                    login=kind == "login",
-                    handshake=info.settings.handshake,
-                    where=info.settings.where,
-                )
-                nursery.start_soon(conn.run)
-            else:
-                path = str(info.settings.path) if info.settings.path is not None else None
-                master = MasterConnection(
-                    self, stream, userdb_only=kind == "userdb", where=info.settings.where, path=path
-                )
-                nursery.start_soon(master.run)
+        nursery = self._nursery
+        if kind in ("client", "login"):
+            conn = ClientConnection(
+                self,
+                stream,
+                login=kind == "login",
+                handshake=info.settings.handshake,
+                where=info.settings.where,
+            )
+            nursery.start_soon(conn.run)
+        else:
+            path = str(info.settings.path) if info.settings.path is not None else None
+            master = MasterConnection(self, stream, userdb_only=kind == "userdb", where=info.settings.where, path=path)
+            nursery.start_soon(master.run)
+
+
+def _environment(config: Config) -> dict[str, str]:
+    """What scripts see of the environment: only [lua] import_environment, like Dovecot."""
+    return {name: os.environ[name] for name in config.lua.import_environment if name in os.environ}
+
+
+def _new_cache(settings: CacheSettings) -> AuthCache | None:
+    if settings.size > 0 and settings.ttl > 0:
+        return AuthCache(settings.size, settings.ttl, settings.negative_ttl)
+    return None

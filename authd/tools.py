@@ -79,9 +79,7 @@ def authenticate(
             if line == b"DONE":
                 break
         if mechanism.upper().encode() not in mechs:
-            raise ToolError(
-                f"the server does not offer {mechanism.upper()} (offers: {b' '.join(mechs).decode()})"
-            )
+            raise ToolError(f"the server does not offer {mechanism.upper()} (offers: {b' '.join(mechs).decode()})")
         fields = [b"service=" + tab_escape(b"authd-test")]
         for key, value in params or []:
             if key == "service":
@@ -108,15 +106,30 @@ def authenticate(
                 out = []
                 for part in parts[2:]:
                     key, sep, value = part.partition(b"=")
-                    out.append(
-                        (key.decode("utf-8", "replace"), value.decode("utf-8", "replace") if sep else None)
-                    )
+                    out.append((key.decode("utf-8", "replace"), value.decode("utf-8", "replace") if sep else None))
                 return AuthReply(parts[0] == b"OK", out, line)
             raise ToolError(f"unexpected reply: {line!r}")
     except OSError as exc:
         raise ToolError(f"{where}: {exc.strerror or exc}") from None
     finally:
         sock.close()
+
+
+def server_pid(where: str, *, timeout: float = 10.0) -> int:
+    """The pid a running authd greets with (SPID), on any of its sockets."""
+    try:
+        sock = _connect(where, timeout)
+        try:
+            lines = _Lines(sock)
+            sock.sendall(b"VERSION\t1\t2\n")
+            while True:
+                parts = lines.read().split(b"\t")
+                if parts[0] == b"SPID" and len(parts) > 1 and parts[1].isdigit():
+                    return int(parts[1])
+        finally:
+            sock.close()
+    except OSError as exc:
+        raise ToolError(f"{where}: {exc.strerror or exc}") from None
 
 
 def _master(where: str, timeout: float) -> tuple[socket.socket, _Lines]:
@@ -155,11 +168,7 @@ def user_lookup(where: str, user: str, *, service: str = "authd-lookup", timeout
         sock, lines = _master(where, timeout)
         try:
             sock.sendall(
-                b"USER\t1\t"
-                + tab_escape(user.encode())
-                + b"\tservice="
-                + tab_escape(service.encode())
-                + b"\n"
+                b"USER\t1\t" + tab_escape(user.encode()) + b"\tservice=" + tab_escape(service.encode()) + b"\n"
             )
             parts = split_tabescaped(lines.read())
         finally:
@@ -172,6 +181,25 @@ def user_lookup(where: str, user: str, *, service: str = "authd-lookup", timeout
         return UserReply(False, user, [])
     if parts[0] == b"FAIL":
         return UserReply(False, user, _decode_fields(parts[2:]), failed=True)
+    raise ToolError(f"unexpected reply: {parts!r}")
+
+
+def cache_flush(where: str, users: list[str], *, timeout: float = 30.0) -> int:
+    """CACHE-FLUSH on an auth-master socket, like `doveadm auth cache flush`: entries removed."""
+    try:
+        sock, lines = _master(where, timeout)
+        try:
+            sock.sendall(b"\t".join([b"CACHE-FLUSH", b"1", *(tab_escape(u.encode()) for u in users)]) + b"\n")
+            try:
+                parts = split_tabescaped(lines.read())
+            except ToolError:
+                raise ToolError("the server hung up: cache flush needs the auth-master socket") from None
+        finally:
+            sock.close()
+    except OSError as exc:
+        raise ToolError(f"{where}: {exc.strerror or exc}") from None
+    if parts[0] == b"OK" and len(parts) > 2 and parts[2].isdigit():
+        return int(parts[2])
     raise ToolError(f"unexpected reply: {parts!r}")
 
 

@@ -6,13 +6,15 @@ userdb are rolled back; `prefetch` serves the userdb_* fields a passdb returned.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
 
 from authd.auth_request import AuthRequest
-from authd.cache_glue import UserdbCache
+from authd.cache_glue import Template24, UserdbCache
 from authd.fields import AuthFields
 from authd.passdb import Rule
 from lua_api.results import IterateResult, UserdbResult
@@ -64,6 +66,8 @@ class UserdbEntry:
     result_internalfail: Rule = Rule.CONTINUE
     db_id: int = 0
     cache_key: bytes | None = None
+    #: 2.4 Lua: the cache key is what the script's auth_*_get_cache_key() returns (after start).
+    cache_key_from_script: bool = False
 
     def wants_skip(self, req: AuthRequest) -> bool:
         if self.skip == "found":
@@ -77,10 +81,14 @@ class UserdbEntry:
 class UserdbChain:
     entries: list[UserdbEntry] = field(default_factory=list)
     cache: UserdbCache | None = None
+    observe: Callable[[str, str, float], None] = lambda db, kind, seconds: None
 
     async def start(self) -> None:
         for entry in self.entries:
             await entry.driver.start()
+            if entry.cache_key_from_script:
+                template = getattr(entry.driver, "cache_key_template", None)
+                entry.cache_key = Template24(template) if template is not None else None
 
     async def close(self) -> None:
         for entry in self.entries:
@@ -135,12 +143,15 @@ class UserdbChain:
     async def _lookup_one(self, req: AuthRequest, entry: UserdbEntry) -> int:
         """One userdb's answer, through the cache when it has one."""
         cache, key = self.cache, entry.cache_key
-        if cache is None or key is None:
-            return await entry.driver.lookup(req)
-        cached = cache.lookup(req, key, entry.db_id, use_expired=False)
-        if cached is not None:
-            return cached
+        if cache is not None and key is not None:
+            cached = cache.lookup(req, key, entry.db_id, use_expired=False)
+            if cached is not None:
+                return cached
+        started = time.monotonic()
         result = await entry.driver.lookup(req)
+        self.observe(entry.name or f"userdb{entry.db_id}", "userdb", time.monotonic() - started)
+        if cache is None or key is None:
+            return result
         if req.userdb_lookup_tempfailed:
             return result  # never cached
         if result != UserdbResult.INTERNAL_FAILURE:

@@ -35,6 +35,7 @@ from config.schema import (
     LuaSettings,
     MetricsSettings,
     PassdbSettings,
+    ReloadSettings,
     UserdbSettings,
 )
 
@@ -145,6 +146,7 @@ def _auth(t: _Table) -> AuthSettings:
         anonymous_username=t.string("anonymous_username", defaults.anonymous_username),
         master_user_separator=t.string("master_user_separator", defaults.master_user_separator),
         ssl_username_from_cert=t.boolean("ssl_username_from_cert", defaults.ssl_username_from_cert),
+        ssl_require_client_cert=t.boolean("ssl_require_client_cert", defaults.ssl_require_client_cert),
         penalty=t.boolean("penalty", defaults.penalty),
         trusted_networks=t.strings("trusted_networks", defaults.trusted_networks),
         debug=t.boolean("debug", defaults.debug),
@@ -154,6 +156,8 @@ def _auth(t: _Table) -> AuthSettings:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise t.error("trusted_networks", f"not a network: {network!r}") from None
+    if "anonymous" in settings.mechanisms and not settings.anonymous_username:
+        raise t.error("anonymous_username", "the ANONYMOUS mechanism needs a non-empty anonymous_username")
     if len(settings.master_user_separator) > 1:
         raise t.error("master_user_separator", "expected a single character")
     if len(settings.username_translation) % 2:
@@ -299,6 +303,15 @@ def _metrics(t: _Table) -> MetricsSettings:
     return settings
 
 
+def _reload(t: _Table) -> ReloadSettings:
+    settings = ReloadSettings(
+        watch_scripts=t.boolean("watch_scripts", True),
+        watch_interval=t.number("watch_interval", 0.5, minimum=0.05),
+    )
+    t.finish()
+    return settings
+
+
 def _log(t: _Table) -> LogSettings:
     settings = LogSettings(
         format=t.choice("format", LOG_FORMATS, "console"), level=t.choice("level", LOG_LEVELS, "info")
@@ -328,6 +341,7 @@ def parse_config(
         lua=_lua(section("lua")),
         cache=_cache(section("cache")),
         metrics=_metrics(section("metrics")),
+        reload=_reload(section("reload")),
         log=_log(section("log")),
     )
     root.finish()

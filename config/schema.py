@@ -47,6 +47,8 @@ class AuthSettings:
     anonymous_username: str = "anonymous"
     master_user_separator: str = ""
     ssl_username_from_cert: bool = False
+    #: Fail requests whose login process saw no valid client certificate.
+    ssl_require_client_cert: bool = False
     #: The per-IP auth penalty (Dovecot's anvil); false turns it off.
     penalty: bool = True
     #: Networks exempt from the penalty (like login_trusted_networks).
@@ -145,6 +147,15 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ReloadSettings:
+    """Hot reload: SIGHUP always; script edits too while watch_scripts is on."""
+
+    watch_scripts: bool = True
+    #: Seconds between looks at the script files; an edit is taken once it held still for one.
+    watch_interval: float = 0.5
+
+
+@dataclass(frozen=True)
 class LogSettings:
     format: str = "console"
     level: str = "info"
@@ -160,4 +171,5 @@ class Config:
     lua: LuaSettings = field(default_factory=LuaSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    reload: ReloadSettings = field(default_factory=ReloadSettings)
     log: LogSettings = field(default_factory=LogSettings)

@@ -180,3 +180,18 @@ def test_doveadm_auth_cache_flush(cached_authd: AuthdProcess) -> None:
     assert flushed.stdout == "1 cache entries flushed\n"
     everything = doveadm(None, "auth", "cache", "flush", "-a", str(cached_authd.socket("auth-master")))
     assert everything.stdout == "1 cache entries flushed\n"
+
+
+def test_cli_cache_flush(cached_authd: AuthdProcess) -> None:
+    from tests.authd.test_cli import authd
+
+    auth(cached_authd, "alice", "secret1")
+    auth(cached_authd, "nobody", "x")
+    master = str(cached_authd.socket("auth-master"))
+    one = authd("cache", "flush", "--socket", master, "alice")
+    assert (one.returncode, one.stdout) == (0, "1 cache entries flushed\n"), one.stderr
+    rest = authd("cache", "flush", "--socket", master)
+    assert (rest.returncode, rest.stdout) == (0, "1 cache entries flushed\n"), rest.stderr
+    userdb = authd("cache", "flush", "--socket", str(cached_authd.socket("auth-userdb")))
+    assert userdb.returncode == 1
+    assert userdb.stderr == "authd: the server hung up: cache flush needs the auth-master socket\n"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.authd_process import REPO, AuthdProcess, accepts
 
@@ -93,3 +96,37 @@ def test_lookup_and_list(reference_authd: AuthdProcess) -> None:
     wrong_socket = authd("lookup", "--socket", str(reference_authd.socket("auth-client")), "alice")
     assert wrong_socket.returncode == 1
     assert "auth-client socket, not an auth-master/userdb socket" in wrong_socket.stderr
+
+
+@pytest.mark.skipif(shutil.which("doveadm") is None, reason="Debian's dovecot-core is not installed")
+@pytest.mark.parametrize("scheme", ["SHA512-CRYPT", "BLF-CRYPT", "ARGON2ID", "SCRAM-SHA-256", "SSHA512", "CRAM-MD5"])
+def test_pw_hashes_that_doveadm_verifies(scheme: str) -> None:
+    made = authd("pw", "-s", scheme.lower(), "-p", "s3cret pass")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("{" + scheme + "}")
+    checked = subprocess.run(
+        ["doveadm", "pw", "-t", made.stdout.strip(), "-p", "s3cret pass"], capture_output=True, text=True
+    )
+    assert checked.stdout == made.stdout.strip() + " (verified)\n", checked.stderr
+    theirs = subprocess.run(["doveadm", "pw", "-s", scheme, "-p", "s3cret pass"], capture_output=True, text=True)
+    ours = authd("pw", "-t", theirs.stdout.strip(), "-p", "s3cret pass")
+    assert ours.stdout == theirs.stdout.strip() + " (verified)\n", ours.stderr
+
+
+@pytest.mark.skipif(shutil.which("doveadm") is None, reason="Debian's dovecot-core is not installed")
+@pytest.mark.parametrize("scheme", ["PLAIN-MD5", "SHA256", "CRAM-MD5", "PLAIN"])
+def test_pw_unsalted_schemes_match_doveadm_exactly(scheme: str) -> None:
+    theirs = subprocess.run(["doveadm", "pw", "-s", scheme, "-p", "abc"], capture_output=True, text=True)
+    assert authd("pw", "-s", scheme, "-p", "abc").stdout == theirs.stdout
+
+
+def test_pw_errors() -> None:
+    unknown = authd("pw", "-s", "NOPE", "-p", "x")
+    assert (unknown.returncode, unknown.stderr) == (1, "authd pw: Unknown scheme: NOPE\n")
+    wrong = authd("pw", "-t", "{PLAIN}y", "-p", "x")
+    assert wrong.returncode == 1
+    assert wrong.stderr == "authd pw: reverse password verification check failed: Password mismatch\n"
+    bare = authd("pw", "-t", "nohash", "-p", "x")
+    assert bare.stderr == "authd pw: Missing {scheme} prefix from hash\n"
+    listed = authd("pw", "-l")
+    assert {"SHA512-CRYPT", "SCRAM-SHA-256", "ARGON2ID", "CRAM-MD5"} <= set(listed.stdout.split())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import signal
 import socket
@@ -59,7 +60,10 @@ def test_socket_activation_and_notify(tmp_path: Path) -> None:
     script = tmp_path / "s.lua"
     script.write_text('function auth_passdb_lookup(req) return 1, "password=pw" end\n')
     config = tmp_path / "authd.toml"
-    config.write_text('[auth]\nfailure_delay = 0\n[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n[lua]\nworkers = 1\n')
+    config.write_text(
+        '[auth]\nfailure_delay = 0\n[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n'
+        "[lua]\nworkers = 1\n[reload]\nwatch_scripts = false\n"
+    )
     listeners = []
     for name in ("client", "auth-userdb"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -98,6 +102,17 @@ def test_socket_activation_and_notify(tmp_path: Path) -> None:
         with Wire.auth_master(tmp_path / "auth-userdb") as w:  # typed by its Dovecot-style name
             w.send("VERSION\t1\t0", "REQUEST\t1\t2\t3\t" + "00" * 16)
             assert w.read_until_eof() == []  # REQUEST is not allowed on a userdb socket
+        # `systemctl reload` (ExecReload: SIGHUP): the reload is announced and its end too,
+        # and the activated sockets (which the config does not list) keep serving.
+        script.write_text('function auth_passdb_lookup(req) return 1, "password=new" end\n')
+        proc.send_signal(signal.SIGHUP)
+        reloading = notify.recv(200).decode()
+        assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=\d+\nSTATUS=reloading", reloading), reloading
+        assert notify.recv(200) == b"READY=1\nSTATUS=serving"
+        resp = base64.b64encode(b"\0alice\0new").decode()
+        with Wire.auth_client(tmp_path / "client") as w:
+            w.send("VERSION\t1\t2", "CPID\t1", f"AUTH\t1\tPLAIN\tservice=smtp\tresp={resp}")
+            assert w.read_line() == "OK\t1\tuser=alice"
         proc.send_signal(signal.SIGTERM)
         assert notify.recv(200) == b"STOPPING=1"
         _, stderr = proc.communicate(timeout=20)

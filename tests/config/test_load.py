@@ -18,6 +18,8 @@ def test_defaults_follow_dovecot() -> None:
     assert config.auth.username_format == "%Lu"
     assert config.lua.version == "5.4" and config.lua.workers == 30
     assert config.listeners[0].mode == 0o666
+    assert config.reload.watch_scripts is True and config.reload.watch_interval == 0.5
+    assert config.metrics.address is None and config.cache.size == 0
 
 
 def test_the_documented_example(tmp_path: Path) -> None:
@@ -88,6 +90,14 @@ workers = 30
             "lua.version: expected one of '5.4', '5.3', '5.1', 'luajit', got '5.2'",
         ),
         ({}, "listener: at least one [[listener]] is needed"),
+        (
+            {"reload": {"watch_interval": 0}, **MINIMAL},
+            "reload.watch_interval: expected a number >= 0.05, got 0",
+        ),
+        (
+            {"metrics": {"port": 9090}, **MINIMAL},
+            "metrics.address: metrics need both address and port",
+        ),
         ({"listenr": [], **MINIMAL}, "listenr: unknown setting"),
     ],
 )

@@ -50,6 +50,7 @@ from typing import Literal, Self
 from .procs import free_port, greets, stop_session
 from .wire import Wire, WireError
 
+ROUTE_A_CONF = Path(__file__).resolve().parents[2] / "deploy" / "dovecot" / "99-authd-route-a.conf"
 DOVECOT = "/usr/sbin/dovecot"
 DOVEADM = "/usr/bin/doveadm"
 DOVECOT_LDA = "/usr/lib/dovecot/dovecot-lda"
@@ -292,20 +293,13 @@ class DovecotImap(_Dovecot):
                 "}\n"
                 "service auth-worker {\n  executable =\n}\n"
             )
-        # An empty executable means the service is not created at all; login processes chroot
-        # into base_dir/login by default, which would hide an absolute socket path.
-        return (
-            f"auth_socket_path = {self.auth.userdb}\n"
-            "service auth {\n  executable =\n}\n"
-            "service auth-worker {\n  executable =\n}\n"
-            "service imap-login {\n"
-            "  chroot =\n"
-            f"  executable = imap-login {self.auth.login}\n"
-            "}\n"
-            "service imap {\n"
-            f"  executable = imap -a {self.auth.master}\n"
-            "}\n"
-        )
+        # The route A file we ship, pointed at this authd's sockets instead of /run/authd/.
+        shipped = ROUTE_A_CONF.read_text()
+        for name, path in (("auth-login", self.auth.login), ("auth-master", self.auth.master)):
+            shipped = shipped.replace(f"/run/authd/{name}", str(path))
+        shipped = shipped.replace("/run/authd/auth-userdb", str(self.auth.userdb))
+        assert "/run/authd/" not in shipped, "the route A file names a socket this harness does not map"
+        return shipped
 
     def _specific_config(self) -> str:
         return (

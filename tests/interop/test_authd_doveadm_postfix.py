@@ -45,7 +45,7 @@ end
 CONFIG = (
     """
 [auth]
-mechanisms = ["plain", "login"]
+mechanisms = ["plain", "login", "cram-md5"]
 failure_delay = 0
 penalty = false
 
@@ -143,14 +143,14 @@ def postfix(authd: AuthdProcess) -> Iterator[ThrowawayPostfix]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
+@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN", "CRAM-MD5"])
 def test_postfix_good_password(postfix: ThrowawayPostfix, mech: str) -> None:
     code, transcript = swaks(postfix.port, mech=mech, user="alice", password="alicepass")
     assert code == SWAKS_AUTH_OK, transcript
     assert "235 2.7.0 Authentication successful" in transcript
 
 
-@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
+@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN", "CRAM-MD5"])
 def test_postfix_bad_password(postfix: ThrowawayPostfix, mech: str) -> None:
     code, transcript = swaks(postfix.port, mech=mech, user="alice", password="wrong")
     assert code == SWAKS_AUTH_REJECTED, transcript

@@ -15,15 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from scramp import ScramClient
 
 from tests.authd_process import LISTENERS, AuthdProcess
 
 from .dovecot import AuthCommand, DovecotImap, ExternalSockets, doveadm, dovecot_lda, imap_connect, mail_ids
 from .procs import make_workdir, running, subdir
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("dovecot") is None, reason="Debian's dovecot-core is not installed"
-)
+pytestmark = pytest.mark.skipif(shutil.which("dovecot") is None, reason="Debian's dovecot-core is not installed")
 
 MESSAGE = b"From: sender@example.com\r\nTo: alice@example.com\r\nSubject: via authd\r\n\r\nhello\r\n"
 
@@ -61,7 +60,7 @@ end
 CONFIG = (
     """
 [auth]
-mechanisms = ["plain", "login"]
+mechanisms = ["plain", "login", "cram-md5", "scram-sha-1", "scram-sha-256"]
 failure_delay = 0
 penalty = false
 
@@ -96,9 +95,7 @@ def authd(workdir: Path) -> Iterator[AuthdProcess]:
 
 @pytest.fixture(scope="module")
 def route_a(workdir: Path, authd: AuthdProcess) -> Iterator[DovecotImap]:
-    sockets = ExternalSockets(
-        authd.socket("auth-login"), authd.socket("auth-master"), authd.socket("auth-userdb")
-    )
+    sockets = ExternalSockets(authd.socket("auth-login"), authd.socket("auth-master"), authd.socket("auth-userdb"))
     with running("dovecot route A", DovecotImap(subdir(workdir, "imap-a"), sockets)) as imap:
         yield imap
 
@@ -205,6 +202,57 @@ def test_route_a_imap_authenticate_plain(route_a: DovecotImap) -> None:
     try:
         status, _ = conn.authenticate("PLAIN", lambda _: b"\0alice\0alicepass")
         assert status == "OK"
+    finally:
+        conn.logout()
+
+
+def test_route_a_imap_cram_md5(route_a: DovecotImap) -> None:
+    conn = imap_connect(route_a.imap_port)
+    try:
+        assert "AUTH=CRAM-MD5" in conn.capabilities
+        status, _ = conn.login_cram_md5("alice", "alicepass")
+        assert status == "OK"
+    finally:
+        conn.logout()
+
+
+class ScramSteps:
+    """imaplib's authenticate() callback, driven by scramp (an independent SCRAM client)."""
+
+    def __init__(self, mechanism: str, user: str, password: str) -> None:
+        self.client = ScramClient([mechanism], user, password)
+        self.challenges: list[str] = []
+
+    def __call__(self, challenge: bytes) -> bytes:
+        self.challenges.append(challenge.decode())
+        if len(self.challenges) == 1:
+            return self.client.get_client_first().encode()
+        if len(self.challenges) == 2:
+            self.client.set_server_first(challenge.decode())
+            return self.client.get_client_final().encode()
+        self.client.set_server_final(challenge.decode())  # raises if the server signature is wrong
+        return b""
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-1", "SCRAM-SHA-256"])
+def test_route_a_imap_scram(route_a: DovecotImap, mechanism: str) -> None:
+    steps = ScramSteps(mechanism, "alice", "alicepass")
+    conn = imap_connect(route_a.imap_port)
+    try:
+        assert f"AUTH={mechanism}" in conn.capabilities
+        status, _ = conn.authenticate(mechanism, steps)
+        assert status == "OK" and len(steps.challenges) == 3 and steps.challenges[2].startswith("v=")
+    finally:
+        conn.logout()
+
+
+def test_route_a_imap_scram_wrong_password(route_a: DovecotImap) -> None:
+    steps = ScramSteps("SCRAM-SHA-256", "alice", "wrong")
+    conn = imap_connect(route_a.imap_port)
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
+            conn.authenticate("SCRAM-SHA-256", steps)
+        assert len(steps.challenges) == 2  # no server signature for a wrong proof
     finally:
         conn.logout()
 

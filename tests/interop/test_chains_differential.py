@@ -120,7 +120,11 @@ SCENARIOS = [
     Scenario(
         "rules-and-filters",
         passdbs=[
-            Db("static", args="nopassword=y", settings={"username_filter": "*@trusted.example", "result_success": "continue-ok"}),
+            Db(
+                "static",
+                args="nopassword=y",
+                settings={"username_filter": "*@trusted.example", "result_success": "continue-ok"},
+            ),
             Db("passwd-file", "users", settings={"skip": "authenticated"}),
             Db("static", args="password=fallback", settings={"mechanisms": "login"}),
         ],

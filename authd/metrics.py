@@ -1,0 +1,133 @@
+"""Prometheus metrics and a small HTTP endpoint for them (/metrics, /healthz).
+
+Each Server has its own registry, so several instances (tests) never share
+counters. The endpoint is a few lines of trio: a scrape is one GET.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import structlog
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = structlog.get_logger("authd.metrics")
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.auth_requests = Counter(
+            "authd_auth_requests", "Finished auth-client requests", ["mechanism", "service", "result"], registry=r
+        )
+        self.auth_duration = Histogram(
+            "authd_auth_duration_seconds",
+            "Time from AUTH to the reply (before the failure delay)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lookups = Counter("authd_userdb_requests", "auth-master requests", ["command", "result"], registry=r)
+        self.db_duration = Histogram(
+            "authd_db_duration_seconds",
+            "Time one passdb/userdb took",
+            ["db", "kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lua_errors = Counter("authd_lua_errors", "Script failures", ["script", "kind"], registry=r)
+        self.http_requests = Counter(
+            "authd_http_requests", "HTTP requests made by scripts", ["status_class"], registry=r
+        )
+        self.http_duration = Histogram(
+            "authd_http_duration_seconds",
+            "Duration of HTTP requests made by scripts",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.penalties = Counter("authd_penalties", "Failures that raised an address's penalty", registry=r)
+        self.penalty_waits = Counter("authd_penalty_waits", "Requests that waited out a penalty", registry=r)
+        self.connections = Gauge("authd_connections", "Open connections", ["listener"], registry=r)
+        self.reloads = Counter("authd_reloads", "Script and config reloads", ["result"], registry=r)
+        self.pool_busy = Gauge("authd_lua_states_busy", "Lua states running a call", ["script"], registry=r)
+        self.pool_size = Gauge("authd_lua_states", "Lua states", ["script"], registry=r)
+        self.pool_wait = Histogram(
+            "authd_lua_state_wait_seconds",
+            "Time a call waited for a free Lua state",
+            ["script"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def watch_cache(self, stats: Callable[[], tuple[int, int, int, int]]) -> None:
+        """Export the auth cache's (hits, misses, entries, bytes) when scraped."""
+        self.registry.register(_CacheCollector(stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _CacheCollector(Collector):
+    def __init__(self, stats: Callable[[], tuple[int, int, int, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        hits, misses, entries, size = self.stats()
+        yield GaugeMetricFamily("authd_cache_hits", "Auth cache hits", value=hits)
+        yield GaugeMetricFamily("authd_cache_misses", "Auth cache misses", value=misses)
+        yield GaugeMetricFamily("authd_cache_entries", "Auth cache entries", value=entries)
+        yield GaugeMetricFamily("authd_cache_bytes", "Auth cache size in bytes", value=size)
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    address: str,
+    port: int,
+    healthy: Callable[[], bool],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer GET /metrics and GET /healthz; anything else is a 404."""
+    listeners = await trio.open_tcp_listeners(port, host=address)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    log.info("metrics.ready", address=address, port=listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(lambda stream: _handle(stream, metrics, healthy), listeners)
+
+
+async def _handle(stream: trio.SocketStream, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+    async with stream:
+        request = b""
+        with trio.move_on_after(5):
+            while b"\r\n\r\n" not in request and len(request) < 8192:
+                data = await stream.receive_some(4096)
+                if not data:
+                    break
+                request += data
+        parts = request.split(b" ", 2)
+        method, path = (parts[0], parts[1]) if len(parts) > 1 else (b"", b"")
+        if method != b"GET":
+            status, body, kind = b"405 Method Not Allowed", b"only GET\n", b"text/plain"
+        elif path == b"/metrics":
+            status, body, kind = b"200 OK", metrics.render(), b"text/plain; version=0.0.4; charset=utf-8"
+        elif path == b"/healthz":
+            ok = healthy()
+            status, body, kind = (
+                (b"200 OK", b"ok\n", b"text/plain")
+                if ok
+                else (b"503 Service Unavailable", b"not ready\n", b"text/plain")
+            )
+        else:
+            status, body, kind = b"404 Not Found", b"not found\n", b"text/plain"
+        head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+            status,
+            kind,
+            len(body),
+        )
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(head + body)

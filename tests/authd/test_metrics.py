@@ -1,0 +1,115 @@
+"""Prometheus metrics and /healthz, scraped over real HTTP after real auth traffic."""
+
+from __future__ import annotations
+
+import base64
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.authd_process import LISTENERS, AuthdProcess
+from tests.interop.wire import Wire
+
+SCRIPT = """\
+function auth_passdb_lookup(req)
+  if req.user == "broken" then error("backend exploded") end
+  if req.user ~= "alice" then return dovecot.auth.PASSDB_RESULT_USER_UNKNOWN, "no" end
+  return dovecot.auth.PASSDB_RESULT_OK, "password=secret"
+end
+
+function auth_userdb_lookup(req)
+  if req.user ~= "alice" then return dovecot.auth.USERDB_RESULT_USER_UNKNOWN, "no" end
+  return dovecot.auth.USERDB_RESULT_OK, "uid=1000"
+end
+"""
+
+
+@pytest.fixture
+def authd(tmp_path: Path) -> Iterator[AuthdProcess]:
+    config = (
+        "[auth]\nfailure_delay = 0\n"
+        '[metrics]\naddress = "127.0.0.1"\nport = 0\n'
+        "[cache]\nsize = 100000\nttl = 60\n"
+        '[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n[[userdb]]\ndriver = "lua"\nfile = "s.lua"\n' + LISTENERS
+    )
+    proc = AuthdProcess(tmp_path, config, {"s.lua": SCRIPT})
+    proc.start(wait_for=("auth-client", "auth-master"))
+    yield proc
+    proc.stop()
+
+
+def metrics_url(authd: AuthdProcess, path: str) -> str:
+    port = authd.wait_for_log(lambda e: e.get("event") == "metrics.ready")["port"]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+def scrape(authd: AuthdProcess) -> dict[str, float]:
+    """Every sample of /metrics as {'name{labels}': value}."""
+    with urllib.request.urlopen(metrics_url(authd, "/metrics"), timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def auth(authd: AuthdProcess, user: str, password: str, rip: str) -> str:
+    resp = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    with Wire.auth_client(authd.socket("auth-client")) as w:
+        w.send("VERSION\t1\t2", "CPID\t1", f"AUTH\t1\tPLAIN\tservice=imap\trip={rip}\tresp={resp}")
+        return w.read_line()
+
+
+def test_counters_follow_real_traffic(authd: AuthdProcess) -> None:
+    assert auth(authd, "alice", "secret", "192.0.2.1") == "OK\t1\tuser=alice"
+    assert auth(authd, "alice", "secret", "192.0.2.1") == "OK\t1\tuser=alice"  # from the cache
+    assert auth(authd, "alice", "wrong", "192.0.2.2") == "FAIL\t1\tuser=alice"
+    assert auth(authd, "broken", "x", "192.0.2.3") == "FAIL\t1\tuser=broken\tcode=temp_fail"
+    with Wire.auth_master(authd.socket("auth-master")) as w:
+        w.send("VERSION\t1\t0", "USER\t1\talice\tservice=lmtp", "USER\t2\tnobody\tservice=lmtp")
+        assert {w.read_line(), w.read_line()} == {"USER\t1\talice\tuid=1000", "NOTFOUND\t2"}
+
+    samples = scrape(authd)
+    auth_requests = {key: value for key, value in samples.items() if key.startswith("authd_auth_requests_total{")}
+    assert auth_requests == {
+        'authd_auth_requests_total{mechanism="PLAIN",result="ok",service="imap"}': 2.0,
+        'authd_auth_requests_total{mechanism="PLAIN",result="failed",service="imap"}': 1.0,
+        'authd_auth_requests_total{mechanism="PLAIN",result="temp_fail",service="imap"}': 1.0,
+    }
+    assert samples["authd_auth_duration_seconds_count"] == 4.0
+    assert samples['authd_userdb_requests_total{command="USER",result="ok"}'] == 1.0
+    assert samples['authd_userdb_requests_total{command="USER",result="notfound"}'] == 1.0
+    # the second alice login was a cache hit, so the passdb ran three times
+    assert samples['authd_db_duration_seconds_count{db="passdb1",kind="passdb"}'] == 3.0
+    assert samples['authd_db_duration_seconds_count{db="userdb1",kind="userdb"}'] == 2.0
+    assert samples["authd_cache_hits"] >= 1.0
+    assert samples["authd_cache_entries"] >= 1.0
+    assert samples["authd_penalties_total"] == 2.0  # as in Dovecot, a temp_fail raises it like a mismatch
+    assert samples['authd_connections{listener="client"}'] == 0.0
+
+
+def test_healthz_and_unknown_paths(authd: AuthdProcess) -> None:
+    with urllib.request.urlopen(metrics_url(authd, "/healthz"), timeout=5) as response:
+        assert (response.status, response.read()) == (200, b"ok\n")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(metrics_url(authd, "/nope"), timeout=5)
+    assert missing.value.code == 404
+    post = urllib.request.Request(metrics_url(authd, "/metrics"), data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(post, timeout=5)
+    assert refused.value.code == 405
+
+
+def test_no_endpoint_without_metrics_section(tmp_path: Path) -> None:
+    config = '[[passdb]]\ndriver = "static"\nargs = "password=x"\n' + LISTENERS
+    with AuthdProcess(tmp_path, config) as proc:
+        assert auth(proc, "alice", "x", "192.0.2.9").startswith("OK\t1\tuser=alice")
+        assert not any(e.get("event") == "metrics.ready" for e in proc.log_events())
+        assert re.search(r"listener\.ready", proc.log_text())
