@@ -214,6 +214,7 @@ def cmd_try(args: argparse.Namespace) -> int:
                 userdb=args.userdb,
                 settings=_pairs(args.setting, "--setting"),
                 params=_pairs(args.extra, "-x"),
+                import_environment=tuple(args.import_environment),
             )
         )
     except TryError as exc:
@@ -293,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     trying.add_argument(
         "-x", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="request fields (service=...)"
+    )
+    trying.add_argument(
+        "--import-environment",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an environment variable os.getenv() may see, as [lua] import_environment",
     )
     trying.add_argument("user")
     trying.add_argument("password", nargs="?", help="authenticate with PLAIN (omit with --userdb for a lookup only)")

@@ -43,6 +43,8 @@ class TryOptions:
     #: Request fields, like `doveadm auth test -x`: service=pop3, rip=192.0.2.1, ...
     params: tuple[tuple[str, str], ...] = ()
     lua_version: str = "5.4"
+    #: What os.getenv() may see, as [lua] import_environment.
+    import_environment: tuple[str, ...] = ()
 
 
 @dataclass
@@ -86,7 +88,7 @@ def try_config(options: TryOptions) -> Config:
         auth=replace(AuthSettings(), mechanisms=("plain",), failure_delay=0.0, penalty=False, debug=True),
         passdbs=(PassdbSettings(**common),),  # type: ignore[arg-type]
         userdbs=(UserdbSettings(**common),) if options.userdb else (),  # type: ignore[arg-type]
-        lua=LuaSettings(version=options.lua_version, workers=1),
+        lua=LuaSettings(version=options.lua_version, workers=1, import_environment=options.import_environment),
     )
 
 
