@@ -60,7 +60,7 @@ end
 CONFIG = (
     """
 [auth]
-mechanisms = ["plain", "login", "cram-md5", "scram-sha-1", "scram-sha-256"]
+mechanisms = ["plain", "login", "cram-md5", "scram-sha-1", "scram-sha-256", "oauthbearer", "xoauth2"]
 failure_delay = 0
 penalty = false
 
@@ -253,6 +253,34 @@ def test_route_a_imap_scram_wrong_password(route_a: DovecotImap) -> None:
         with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
             conn.authenticate("SCRAM-SHA-256", steps)
         assert len(steps.challenges) == 2  # no server signature for a wrong proof
+    finally:
+        conn.logout()
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "message"),
+    [
+        ("XOAUTH2", b"user=alice\x01auth=Bearer alicepass\x01\x01"),
+        ("OAUTHBEARER", b"n,a=alice,\x01host=127.0.0.1\x01port=143\x01auth=Bearer alicepass\x01\x01"),
+    ],
+)
+def test_route_a_imap_oauth(route_a: DovecotImap, mechanism: str, message: bytes) -> None:
+    """The bearer token reaches the Lua passdb as the password."""
+    conn = imap_connect(route_a.imap_port)
+    try:
+        assert f"AUTH={mechanism}" in conn.capabilities
+        status, _ = conn.authenticate(mechanism, lambda _: message)
+        assert status == "OK"
+    finally:
+        conn.logout()
+
+
+def test_route_a_imap_xoauth2_bad_token(route_a: DovecotImap) -> None:
+    answers = iter([b"user=alice\x01auth=Bearer expired\x01\x01", b""])  # then acknowledge the JSON error
+    conn = imap_connect(route_a.imap_port)
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
+            conn.authenticate("XOAUTH2", lambda _: next(answers))
     finally:
         conn.logout()
 

@@ -1,0 +1,83 @@
+"""proxy / proxy_maybe on logins: auth_request_proxy_finish's decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from authd.auth_request import AuthRequest, UsernameRules
+from authd.proxy import drop_proxy_fields, proxy_finish
+
+
+def request(fields: str, *, lip: str = "192.0.2.1", lport: int = 143) -> AuthRequest:
+    req = AuthRequest(UsernameRules(), id=1)
+    req.local_ip = req.real_local_ip = lip
+    req.local_port = lport
+    for item in fields.split():
+        key, sep, value = item.partition("=")
+        req.extra_fields.add(key.encode(), value.encode() if sep else None)
+    return req
+
+
+def shown(req: AuthRequest) -> str:
+    return " ".join(f.key.decode() + ("" if f.value is None else "=" + f.value.decode()) for f in req.extra_fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "after"),
+    [
+        # proxy_maybe to another host: proxy
+        ("proxy_maybe host=192.0.2.9 port=143", "host=192.0.2.9 port=143 proxy"),
+        # ... to ourselves on the client's port: a local login, every proxy field dropped
+        ("proxy_maybe host=192.0.2.1 port=143 destuser=bob x=1", "x=1"),
+        ("proxy_maybe host=192.0.2.1", ""),
+        # ... to ourselves on another port: proxy
+        ("proxy_maybe host=192.0.2.1 port=993", "host=192.0.2.1 port=993 proxy"),
+        # proxy_always: "self" is the local director cluster, which still proxies
+        ("proxy_maybe proxy_always host=192.0.2.1", "proxy"),
+        # plain proxy is never second-guessed
+        ("proxy host=192.0.2.1 port=143", "proxy host=192.0.2.1 port=143"),
+        # no host: a director decides, and gets lip/lport for it
+        ("proxy", "proxy lip=192.0.2.1 lport=143"),
+        # a hostip given by the passdb saves the lookup
+        ("proxy_maybe host=imap.example hostip=192.0.2.1", "hostip=192.0.2.1"),
+        ("nothing=here", "nothing=here"),
+    ],
+)
+async def test_decisions(fields: str, after: str) -> None:
+    req = request(fields)
+    assert await proxy_finish(req) is True
+    assert shown(req) == after
+
+
+async def test_proxy_self_addresses_count_as_ours() -> None:
+    req = request("proxy_maybe host=198.51.100.7")
+    assert await proxy_finish(req, ["198.51.100.7"]) is True
+    assert shown(req) == ""
+
+
+async def test_host_names_are_resolved() -> None:
+    # localhost is us: log in locally, keeping the address it resolved to (::1 on some hosts)
+    req = request("proxy_maybe host=localhost", lip="127.0.0.1")
+    assert await proxy_finish(req, ["::1"]) is True
+    assert shown(req) in ("hostip=127.0.0.1", "hostip=::1")
+    other = request("proxy_maybe host=localhost", lip="192.0.2.1")
+    assert await proxy_finish(other) is True
+    assert shown(other) in ("host=localhost hostip=127.0.0.1 proxy", "host=localhost hostip=::1 proxy")
+
+
+async def test_unresolvable_host_is_a_temporary_failure() -> None:
+    req = request("proxy_maybe host=nonexistent.invalid proxy_timeout=5 port=143")
+    assert await proxy_finish(req) is False
+    assert req.internal_failure and shown(req) == "proxy_timeout=5"
+
+
+async def test_invalid_hostip_fails() -> None:
+    req = request("proxy host=imap.example hostip=not-an-ip")
+    assert await proxy_finish(req) is False
+    assert not req.internal_failure
+
+
+def test_failed_logins_lose_every_proxy_field() -> None:
+    req = request("proxy proxy_maybe proxy_always host=h port=1 destuser=d hostip=192.0.2.3 pass=x")
+    drop_proxy_fields(req)
+    assert shown(req) == "hostip=192.0.2.3 pass=x"
