@@ -58,7 +58,7 @@ class AuthdProcess:
     def socket(self, name: str) -> Path:
         return self.workdir / name
 
-    def start(self, timeout: float = 20.0, wait_for: tuple[str, ...] = ("auth-client",)) -> None:
+    def start(self, timeout: float = 60.0, wait_for: tuple[str, ...] = ("auth-client",)) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config)
         for name, text in self.scripts.items():
