@@ -4,12 +4,19 @@
 -- `item`, and every check raises Dovecot's error text. submit() hands the request to
 -- authd (lua_api/http.py) through the prelude's I/O hook and builds the response from
 -- what comes back. Loaded once per state, after the prelude.
-local yield_io, io_kind, url_problems, dialect, client_settings_24 = ...
+--
+-- What crosses to Python is kept cheap, since it happens on every request: a client's
+-- settings and a request's URL are parsed once, into Python objects this file only
+-- passes back; a submitted request goes over as one flat array, and so does its
+-- response. (A call into Python costs more than the array: each one lifts and restores
+-- guard.lua's limits.)
+local yield_io, io_kind, check_url, dialect, client_settings_23, client_settings_24 = ...
 local v24 = dialect == "2.4"
 
 local type, select, tostring, error, rawget, setmetatable, ipairs =
   type, select, tostring, error, rawget, setmetatable, ipairs
 local table_remove = table.remove
+local unpack = table.unpack or unpack
 local format, find, sub, lower = string.format, string.find, string.sub, string.lower
 local floor = math.floor
 local tointeger = math.tointeger or function(x) return x end
@@ -76,41 +83,37 @@ end
 ---------------------------------------------------------------------------
 -- Responses
 
+-- A response object keeps what authd sent: {status, reason, payload, name, value, ...}.
+
 local function response_status(...)
   require_args(select("#", ...), 1)
-  return check_object((...), RESPONSE).status
+  return check_object((...), RESPONSE).result[1]
 end
 
 local function response_reason(...)
   require_args(select("#", ...), 1)
-  return check_object((...), RESPONSE).reason
+  return check_object((...), RESPONSE).result[2]
 end
 
 local function response_payload(...)
   require_args(select("#", ...), 1)
-  return check_object((...), RESPONSE).payload
+  return check_object((...), RESPONSE).result[3]
 end
 
 local function response_header(...)
   require_args(select("#", ...), 2)
   local self, name = ...
-  local response = check_object(self, RESPONSE)
+  local result = check_object(self, RESPONSE).result
   name = lower(check_string(name, 2))
-  for _, field in ipairs(response.headers) do
-    if lower(field[1]) == name then return field[2] end
+  for index = 4, #result, 2 do
+    if lower(result[index]) == name then return result[index + 1] end
   end
   return ""
 end
 
 local function new_response(result)
   local item = {}
-  objects[item] = {
-    kind = RESPONSE,
-    status = result.status,
-    reason = result.reason,
-    payload = result.payload,
-    headers = result.headers,
-  }
+  objects[item] = {kind = RESPONSE, result = result}
   return {
     item = item,
     status = response_status,
@@ -135,10 +138,11 @@ local function check_open(request)
   end
 end
 
+-- A request's headers are kept flat: {name, value, name, value, ...}.
 local function find_header(headers, name)
   name = lower(name)
-  for index, field in ipairs(headers) do
-    if lower(field[1]) == name then return index end
+  for index = 1, #headers, 2 do
+    if lower(headers[index]) == name then return index end
   end
 end
 
@@ -155,11 +159,13 @@ local function request_add_header(...)
     error(format("authd: cannot send a control character in HTTP header %s", name), 2)
   end
   request.ever_set[#request.ever_set + 1] = lower(name)
-  local index = find_header(request.headers, name)
+  local headers = request.headers
+  local index = find_header(headers, name)
   if index then
-    request.headers[index][2] = value
+    headers[index + 1] = value
   else
-    request.headers[#request.headers + 1] = {name, value}
+    local n = #headers
+    headers[n + 1], headers[n + 2] = name, value
   end
 end
 
@@ -169,8 +175,12 @@ local function request_remove_header(...)
   local request = check_object(self, REQUEST)
   name = check_string(name, 2)
   check_open(request)
-  local index = find_header(request.headers, name)
-  if index then table_remove(request.headers, index) end
+  local headers = request.headers
+  local index = find_header(headers, name)
+  if index then
+    table_remove(headers, index)
+    table_remove(headers, index)
+  end
 end
 
 -- DLUA_REQUIRE_ARGS_IN
@@ -219,15 +229,16 @@ local function request_submit(...)
   local request = check_object((...), REQUEST)
   check_open(request)
   request.submitted = true
-  return new_response(yield_io(io_kind, {
-    settings = request.settings,
-    method = request.method,
-    url = request.url,
-    headers = request.headers,
-    headers_ever_set = request.ever_set,
-    payload = request.payload,
-    sync = request.sync,
-  }))
+  -- One flat array (Submission.from_lua() in http.py reads it): settings, method, url,
+  -- payload or false, sync, how many header names were ever set, those names, then the
+  -- headers (name, value, ...).
+  local ever_set, headers = request.ever_set, request.headers
+  local n_ever = #ever_set
+  local spec = {request.settings, request.method, request.url, request.payload or false, request.sync ~= false,
+    n_ever, unpack(ever_set, 1, n_ever)}
+  local n = n_ever + 6
+  for index = 1, #headers do spec[n + index] = headers[index] end
+  return new_response(yield_io(io_kind, spec))
 end
 
 local function client_request(...)
@@ -246,7 +257,7 @@ local function client_request(...)
   else
     method = check_string(method, -1)
   end
-  local problem, crash = url_problems(url)
+  local parsed, problem, crash = check_url(url)
   if problem then
     error(format("Failed to parse url %s: %s", url, problem), 0)
   elseif crash then
@@ -259,7 +270,7 @@ local function client_request(...)
   objects[item] = {
     kind = REQUEST,
     settings = client.settings,
-    url = url,
+    url = parsed,
     method = method,
     headers = {},
     ever_set = {},
@@ -336,7 +347,7 @@ local function http_client(...)
   local proxy_url = options.proxy_url
   if type(proxy_url) == "string" then  -- other types are ignored
     proxy_url = c_string(proxy_url)
-    local problem, crash = url_problems(proxy_url)
+    local _, problem, crash = check_url(proxy_url)
     if problem then setting_error("proxy_url is invalid: " .. problem) end
     if crash then error(format("authd: proxy_url: %s (Dovecot would crash)", crash), 2) end
     settings.proxy_url = proxy_url
@@ -346,7 +357,7 @@ local function http_client(...)
     error("Bad argument #-1, expected struct event got " .. type(parent), 0)
   end
   local item = {}
-  objects[item] = {kind = CLIENT, settings = settings}
+  objects[item] = {kind = CLIENT, settings = client_settings_23(settings)}
   return {item = item, request = client_request}
 end
 

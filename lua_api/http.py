@@ -6,13 +6,15 @@ the way Dovecot's http-client sends it: the same implicit headers, retries,
 redirect rules, timeouts, and the same 9000-9008 statuses with Dovecot's reason
 texts for failures (a failed request never raises in Lua).
 
-The transport is httpcore, the engine under httpx, used directly: httpx's client
-layer would add its own headers, cookies, redirect and decoding rules, all of
-which differ from Dovecot's, and its transport cannot take the network backend
-that reproduces Dovecot's connection handling (DNS errors, one address after the
-other, connect attempts with backoff, its error texts).
+The transport is h11 (the HTTP/1.1 state machine under httpx and httpcore) over
+trio streams, with a keep-alive pool of its own: httpx's client layer would add its
+own headers, cookies, redirect and decoding rules, all of which differ from
+Dovecot's; httpcore's pool scans (and polls) every pooled connection on every
+request, which made it most of the CPU an HTTP-backed login cost (bench/http_client.py
+measures it). Connections are made as Dovecot makes them (DNS errors, one address
+after the other, connect attempts with backoff, its error texts).
 
-`send_request()` and `new_connection_pool()` work on `ClientSettings`: 2.3 option
+`send_request()` and `ConnectionPool` work on `ClientSettings`: 2.3 option
 tables come in through `ClientSettings.from_lua()`, 2.4 ones (setting names,
 values parsed like configuration) through `parse_client_settings_24()`.
 """
@@ -20,24 +22,25 @@ values parsed like configuration) through `parse_client_settings_24()`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
-import errno
+import functools
 import ipaddress
 import itertools
 import math
 import os
+import re
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import ContextVar
 from dataclasses import dataclass, fields, replace
 from enum import IntEnum
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import httpcore
+import h11
 import trio
 
 if TYPE_CHECKING:
@@ -74,6 +77,35 @@ _HOST_CHAR = _UNRESERVED | _SUB_DELIMS
 _MAX_SCHEME_LEN = 64
 
 
+def _run_of(chars: frozenset[int]) -> re.Pattern[bytes]:
+    """A regex for a run of `chars`: the parser's loops over plain characters, done in C."""
+    return re.compile(b"[" + b"".join(re.escape(bytes((c,))) for c in sorted(chars)) + b"]*")
+
+
+def _skip(run: re.Pattern[bytes], data: bytes, pos: int) -> int:
+    """Where the run of `run`'s characters that starts at `pos` ends."""
+    match = run.match(data, pos)
+    return match.end() if match else pos
+
+
+_PCHAR_RUN = _run_of(_PCHAR)
+_QUERY_RUN = _run_of(_QUERY_CHAR)
+_AUTHORITY_RUN = _run_of(_USERINFO_CHAR | {ord("%")})
+_DIGIT_RUN = _run_of(_DIGIT)
+#: The usual IPv4 host: four octets of 1-3 digits (the parser checks them for <= 255).
+_IPV4 = re.compile(rb"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9])")
+#: The usual host name: labels of letters and digits with inner dashes, maybe a final dot.
+_LABEL = rb"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST_NAME = re.compile(_LABEL + rb"(?:\." + _LABEL + rb")*\.?")
+#: Characters that, right after a _HOST_NAME match, mean the slow path must decide.
+_HOST_NAME_MORE = _ALNUM | frozenset(b"-.%")
+#: The usual path: segments without %xx, "." or ".." (then it stays as it is).
+_PLAIN_PATH = re.compile(b"(?:/" + _PCHAR_RUN.pattern + b")+")
+_DOT_SEGMENT = re.compile(rb"/\.\.?(?:/|\Z)")
+_HOST_BYTES = bytes(sorted(_HOST_CHAR))
+_PATH_BYTES = bytes(sorted(_PATH_CHAR))
+
+
 class UrlError(ValueError):
     """A URL Dovecot's parser rejects; the message is Dovecot's error text."""
 
@@ -83,8 +115,10 @@ def _text(data: bytes | int) -> str:
     return chr(data) if isinstance(data, int) else data.decode("latin-1")
 
 
-def _encode(data: bytes, allowed: frozenset[int]) -> bytes:
+def _encode(data: bytes, allowed: bytes) -> bytes:
     """uri_data_encode(): everything else as lower-case %xx."""
+    if not data.translate(None, allowed):
+        return data  # nothing to encode
     return b"".join(bytes((c,)) if c in allowed else b"%%%02x" % c for c in data)
 
 
@@ -101,24 +135,26 @@ class HttpUrl:
     user: bytes | None = None
     password: bytes | None = None
 
-    @property
+    # Cached: each is asked for more than once per request (headers, connection, retries).
+
+    @functools.cached_property
     def authority(self) -> bytes:
         """host[:port] as sent in Host (http_url_create_authority)."""
-        host = self.host_name if self.host_name.startswith(b"[") else _encode(self.host_name, _HOST_CHAR)
+        host = self.host_name if self.host_name.startswith(b"[") else _encode(self.host_name, _HOST_BYTES)
         return host + (b":%d" % self.port if self.port else b"")
 
-    @property
+    @functools.cached_property
     def target(self) -> bytes:
         """The request target: re-encoded path and the query as given (http_url_create_target)."""
-        target = _encode(self.path, _PATH_CHAR) if self.path else b"/"
+        target = _encode(self.path, _PATH_BYTES) if self.path else b"/"
         return target if self.query is None else target + b"?" + self.query
 
-    @property
+    @functools.cached_property
     def absolute(self) -> bytes:
         """scheme://authority/target (http_url_create_host() + target)."""
         return b"%s://%s%s" % (b"https" if self.have_ssl else b"http", self.authority, self.target)
 
-    @property
+    @functools.cached_property
     def connect_host(self) -> bytes:
         """Where to connect: the IP the URL names (IPv6 in brackets), else the host name."""
         if isinstance(self.ip, ipaddress.IPv6Address):
@@ -153,6 +189,8 @@ class _UrlParser:
     def decode(self, data: bytes, start: int = 0, stop: int | None = None) -> bytes:
         """uri_data_decode(): %xx may look past `stop`, as in Dovecot."""
         stop = len(data) if stop is None else stop
+        if data.find(b"%", start, stop) < 0:
+            return data[start:stop]
         out = bytearray()
         pos = start
         while pos < stop:
@@ -164,17 +202,14 @@ class _UrlParser:
                 pos += 1
         return bytes(out)
 
-    def scan(self, allowed: frozenset[int]) -> None:
-        """Skip characters from `allowed` and valid %xx."""
+    def scan(self, run: re.Pattern[bytes]) -> None:
+        """Skip the characters `run` matches (a _run_of()) and valid %xx."""
         data = self.data
-        while self.pos < len(data):
-            if data[self.pos] == ord("%"):
-                self.pct(data, self.pos)
-                self.pos += 3
-            elif data[self.pos] in allowed:
-                self.pos += 1
-            else:
-                return
+        pos = _skip(run, data, self.pos)
+        while pos < len(data) and data[pos] == ord("%"):
+            self.pct(data, pos)
+            pos = _skip(run, data, pos + 3)
+        self.pos = pos
 
     def parse(self, allow_userinfo: bool) -> HttpUrl:
         scheme = self.scheme()
@@ -191,12 +226,13 @@ class _UrlParser:
         query = self.query()
         if self.at(b"#"):
             self.pos += 1
-            self.scan(_QUERY_CHAR)
+            self.scan(_QUERY_RUN)
             if self.pos < len(self.data):
                 raise UrlError("Fragment component contains invalid character")
             raise UrlError("URL fragment not allowed for HTTP URL in this context")
         have_ssl = scheme is not None and scheme.lower() == b"https"
-        return replace(url, have_ssl=have_ssl, path=path, query=query)
+        host_name, ip, port, user, password = url
+        return HttpUrl(host_name, ip, port, have_ssl, path, query, user, password)
 
     def scheme(self) -> bytes | None:
         data = self.data
@@ -210,11 +246,12 @@ class _UrlParser:
         self.pos = end + 1
         return data[:end]
 
-    def authority(self, allow_userinfo: bool) -> HttpUrl:
+    def authority(
+        self, allow_userinfo: bool
+    ) -> tuple[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address | None, int, bytes | None, bytes | None]:
+        """host name, IP, port, user, password."""
         data = self.data
-        end = self.pos
-        while end < len(data) and (data[end] == ord("%") or data[end] in _USERINFO_CHAR):
-            end += 1
+        end = _skip(_AUTHORITY_RUN, data, self.pos)
         userinfo = None
         if end < len(data) and data[end] == ord("@"):
             userinfo = data[self.pos : end]
@@ -241,7 +278,7 @@ class _UrlParser:
             else:
                 user = self.decode(userinfo, 0, colon)
                 password = self.decode(userinfo, colon + 1)
-        return HttpUrl(host_name, ip, port, False, None, None, user, password)
+        return host_name, ip, port, user, password
 
     def host(self) -> tuple[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
         if self.at(b"["):
@@ -281,6 +318,12 @@ class _UrlParser:
 
     def ipv4(self) -> int | None:
         """uri_parse_ipv4address(): like Dovecot, "1.2" at the end of the URL is the IP 0.0.1.2."""
+        match = _IPV4.match(self.data, self.pos)
+        if match:
+            a, b, c, d = (int(octet) for octet in match.groups())
+            if max(a, b, c, d) <= 255:
+                self.pos = match.end()
+                return a << 24 | b << 16 | c << 8 | d
         ip = self.dec_octet()
         if ip is None:
             return None
@@ -304,6 +347,11 @@ class _UrlParser:
 
     def host_name(self) -> bytes:
         """Dot-separated labels of letters, digits and inner dashes (uri_parse_host_name)."""
+        match = _HOST_NAME.match(self.data, self.pos)
+        if match and (match.end() == len(self.data) or self.data[match.end()] not in _HOST_NAME_MORE):
+            self.pos = match.end()
+            plain = match.group()
+            return plain[:-1] if plain.endswith(b".") else plain
         name = bytearray()
         while self.pos < len(self.data):
             char, after, encoded = self.host_char()
@@ -331,8 +379,7 @@ class _UrlParser:
 
     def port(self) -> int:
         start = self.pos
-        while self.at(b"0123456789"):
-            self.pos += 1
+        self.pos = _skip(_DIGIT_RUN, self.data, start)
         if self.pos == start:
             return 0
         port = int(self.data[start : self.pos])
@@ -342,13 +389,18 @@ class _UrlParser:
 
     def segment(self) -> bytes | None:
         start = self.pos
-        self.scan(_PCHAR)
+        self.scan(_PCHAR_RUN)
         if self.pos < len(self.data) and not self.at(b"/?#"):
             raise UrlError("Path component contains invalid character")
         return self.data[start : self.pos] or None
 
     def path(self) -> bytes | None:
         """The decoded path with "." and ".." resolved (uri_parse_path, http_url_parse_path)."""
+        plain = _PLAIN_PATH.match(self.data, self.pos)
+        ends = plain is not None and (plain.end() == len(self.data) or self.data[plain.end()] in b"?#")
+        if plain is not None and ends and not _DOT_SEGMENT.search(plain.group()):
+            self.pos = plain.end()
+            return plain.group()
         begin = self.pos
         if self.at(b"/"):
             self.pos += 1
@@ -377,7 +429,7 @@ class _UrlParser:
             return None
         start = self.pos + 1
         self.pos = start
-        self.scan(_QUERY_CHAR)
+        self.scan(_QUERY_RUN)
         if self.pos < len(self.data) and not self.at(b"#"):
             raise UrlError("Query component contains invalid character")
         return self.data[start : self.pos]
@@ -694,7 +746,7 @@ def _settings_24(values: dict[str, Any]) -> ClientSettings24:
     return ClientSettings24(settings, per_method)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HttpRequest:
     """One request as the script built it."""
 
@@ -706,19 +758,44 @@ class HttpRequest:
     #: Send a payload with Expect: 100-continue (2.3 always; 2.4 when set_payload's 3rd arg is true).
     expect_continue: bool = True
 
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What submit() hands to HttpExtension.perform(): the request and its client's settings."""
+
+    settings: ClientSettings | ClientSettings24
+    request: HttpRequest
+
     @classmethod
-    def from_lua(cls, spec: Mapping[bytes, Any]) -> HttpRequest:
-        return cls(
-            method=spec[b"method"],
-            url=parse_http_url(spec[b"url"], allow_userinfo=True),
-            headers=tuple((pair[1], pair[2]) for pair in _lua_array(spec.get(b"headers"))),
-            headers_ever_set=frozenset(_lua_array(spec.get(b"headers_ever_set"))),
-            payload=spec.get(b"payload"),
-            expect_continue=spec.get(b"sync") is not False,
+    def from_lua(cls, spec: Mapping[int, Any]) -> Submission:
+        """http.lua's array, as LuaState.to_python() delivers it (a dict keyed 1..n).
+
+        In order: settings, method, url (both as http.lua got them from here), payload or
+        False, sync, how many header names were ever set, those names, then the headers
+        (name, value, ...).
+        """
+        values = [spec[index] for index in range(1, len(spec) + 1)]
+        settings, method, url, payload, sync, n_ever_set = values[:6]
+        flat = values[6 + n_ever_set :]
+        request = HttpRequest(
+            method,
+            url,
+            tuple(zip(flat[::2], flat[1::2], strict=True)),
+            frozenset(values[6 : 6 + n_ever_set]),
+            payload if payload is not False else None,
+            sync,
         )
+        return cls(settings, request)
+
+    @property
+    def client_settings(self) -> ClientSettings:
+        """The settings this request goes out with (2.4 may have some per method)."""
+        if isinstance(self.settings, ClientSettings24):
+            return self.settings.for_method(self.request.method)
+        return self.settings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HttpResponse:
     """What the script's response object shows; failures carry status 9000-9008."""
 
@@ -732,18 +809,12 @@ class HttpResponse:
         name = name.lower()
         return next((value for key, value in self.headers if key.lower() == name), None)
 
-    def to_lua(self) -> dict[bytes, Any]:
-        return {
-            b"status": self.status,
-            b"reason": self.reason,
-            b"headers": [[key, value] for key, value in self.headers],
-            b"payload": self.payload,
-        }
-
-
-def _lua_array(table: Mapping[int, Any] | None) -> list[Any]:
-    """A Lua array as LuaState.to_python() delivers it: a dict keyed 1..n (empty tables: {})."""
-    return [table[index] for index in range(1, len(table) + 1)] if table else []
+    def to_lua(self) -> list[Any]:
+        """What http.lua's response object keeps: [status, reason, payload, name, value, ...]."""
+        flat: list[Any] = [self.status, self.reason, self.payload]
+        for field in self.headers:
+            flat += field
+        return flat
 
 
 def _failure(status: RequestError, reason: str) -> HttpResponse:
@@ -782,7 +853,7 @@ def _os_error(exc: BaseException) -> int | None:
 
 
 def _os_error_text(exc: BaseException) -> str:
-    """The %m of a failed system call behind an httpcore error."""
+    """The %m of a failed system call behind a trio error."""
     code = _os_error(exc)
     return os.strerror(code) if code is not None else str(exc)
 
@@ -841,8 +912,6 @@ class _Progress:
 
     def retried(self, reason: bytes) -> bytes:
         """The reason of a response that came after retries (http_client_request_callback)."""
-        if not self.retries:
-            return reason
         total = _secs(_msecs(time.monotonic() - self.submitted))
         return reason + f" ({self.retries} retries in {total} secs)".encode()
 
@@ -859,107 +928,166 @@ class _Failure(Exception):
 
 # --- connections the way Dovecot makes them ---------------------------------------------
 
+#: Bytes asked for per read, and the largest response head: httpcore's sizes, which authd used before.
+_READ_SIZE = 65536
+_MAX_HEAD_SIZE = 100 * 1024
+
+#: Seconds between checks of all idle connections (see ConnectionPool).
+_SWEEP_INTERVAL = 1.0
+
+#: Where a connection goes for a request URL: (https, host to connect to, port).
+_Origin = tuple[bool, bytes, int]
+
+
+def _http11() -> h11.Connection:
+    return h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_SIZE)
+
+
+class _Connection:
+    """An HTTP/1.1 connection: h11's state over a trio stream, with Dovecot's name for it and its age."""
+
+    __slots__ = ("connected", "h11", "idle_since", "label", "name", "socket", "stream")
+
+    def __init__(self, sock: trio.socket.SocketType, name: str, conn_id: int) -> None:
+        self.socket = sock  # the TCP socket under any TLS, to see whether an idle connection was closed
+        self.stream: trio.abc.Stream = trio.SocketStream(sock)
+        self.h11 = _http11()
+        self.name = name  # ip:port, as in connect(...) failed
+        self.label = f"(conn:{name},id={conn_id})"  # as in read(...) failed
+        self.connected = time.monotonic()
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        """Drop the connection (no TLS close_notify: nobody waits for its end)."""
+        self.socket.close()
+
 
 @dataclass
 class _Exchange:
-    """One send of a request; the network layer reports into it."""
+    """One send of a request: its settings, its history, and the connection it went out on."""
 
     settings: ClientSettings
     progress: _Progress
-    stream: _Stream | None = None  # the connection it went out on
-    eof: bool = False  # the server closed that connection
+    conn: _Connection | None = None
 
-    @property
-    def label(self) -> str:
-        return self.stream.label if self.stream else "(conn)"
+    def sending(self, conn: _Connection) -> None:
+        """The first write of this send (a tunnel's CONNECT included) counts as an attempt."""
+        if self.conn is None:
+            self.conn = conn
+            self.progress.sent()
 
     def failed(self, status: RequestError, text: str) -> _Failure:
         """A failure Dovecot may retry, with its statistics (http_client_connection_abort_temp_error)."""
-        connected = self.stream.connected if self.stream else None
+        connected = self.conn.connected if self.conn else None
         return _Failure(status, f"{text} ({self.progress.stats(connected)})", retryable=True)
 
     def lost(self, detail: str) -> _Failure:
         return self.failed(RequestError.CONNECTION_LOST, f"Connection lost: {detail}")
 
 
-#: The exchange running in the current task; httpcore has no other way to pass it down.
-_current_exchange: ContextVar[_Exchange | None] = ContextVar("authd_http_exchange", default=None)
-
-
-class _Stream(httpcore.AsyncNetworkStream):
-    """A connection with Dovecot's name for it and its age, telling the current exchange what it sees."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream, name: str, conn_id: int, connected: float) -> None:
-        self._inner = inner
-        self.name = name  # ip:port, as in connect(...) failed
-        self.label = f"(conn:{name},id={conn_id})"  # as in read(...) failed
-        self._conn_id = conn_id
-        self.connected = connected
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        data = await self._inner.read(max_bytes, timeout)
-        exchange = _current_exchange.get()
-        if not data and exchange is not None:
-            exchange.eof = True
-        return data
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        exchange = _current_exchange.get()
-        if exchange is not None and exchange.stream is None:
-            exchange.stream = self
-            exchange.progress.sent()
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        started = time.monotonic()
-        hostname = server_hostname.strip("[]") if server_hostname else None
-        try:
-            inner = await self._inner.start_tls(ssl_context, hostname, timeout)
-        except httpcore.ConnectTimeout:
-            spent = _secs(_msecs(time.monotonic() - started))
-            raise _Failure(
-                RequestError.CONNECT_FAILED,
-                f"SSL handshaking with {self.name} failed: Connection timed out in {spent} secs",
-            ) from None
-        except httpcore.ConnectError as exc:
-            raise _Failure(
-                RequestError.CONNECT_FAILED,
-                f"SSL handshaking with {self.name} failed: read(SSL {self.label}) failed: {_tls_error_text(exc)}",
-            ) from None
-        return _Stream(inner, self.name, self._conn_id, self.connected)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
 def _address_name(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-class _Network(httpcore.AsyncNetworkBackend):
-    """Dovecot's connection setup: its DNS errors, one address after the other, connect
-    attempts with backoff (max_connect_attempts), and its texts for every failure."""
+async def _resolve(host: str, timeout: float) -> list[str]:
+    """The addresses to try, in getaddrinfo's order, as Dovecot's dns-client returns them."""
+    literal = host[1:-1] if host.startswith("[") else host
+    try:
+        return [ipaddress.ip_address(literal).compressed]
+    except ValueError:
+        pass
+    with trio.move_on_after(timeout):
+        try:
+            found = await trio.socket.getaddrinfo(host.encode(), None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise _Failure(RequestError.HOST_LOOKUP_FAILED, f"Failed to lookup host {host}: {exc.strerror}") from None
+        return list(dict.fromkeys(str(info[4][0]) for info in found))
+    raise _Failure(RequestError.HOST_LOOKUP_FAILED, f"Failed to lookup host {host}: Lookup timed out")
 
-    def __init__(self) -> None:
-        self._trio = httpcore.TrioBackend()
+
+class ConnectionPool:
+    """Keep-alive connections of the clients that share a proxy and an idle time.
+
+    Like Dovecot's http-client, one request at a time per connection (no pipelining): a
+    request takes its origin's most recently used idle connection or opens a new one, and
+    gives it back when the response ended cleanly. The connection taken is checked first:
+    past max_idle_time, or readable while idle (the server closed it), it is closed
+    instead of used. The others are checked the same way once a second, so that those no
+    request needs any more are closed too, at no cost per request.
+    """
+
+    def __init__(self, settings: ClientSettings, ssl_context: ssl.SSLContext) -> None:
+        self.proxy = settings.proxy_url
+        self._max_idle = settings.max_idle_time_msecs / 1000 or math.inf
+        self._ssl_context = ssl_context
+        self._idle: dict[_Origin, list[_Connection]] = {}
         self._conn_ids = itertools.count(1)
+        self._next_sweep = 0.0
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        exchange = _current_exchange.get()
-        settings = exchange.settings if exchange is not None else ClientSettings()
-        addresses = await self._resolve(host, timeout)
+    def _usable(self, conn: _Connection, now: float) -> bool:
+        return now - conn.idle_since <= self._max_idle and not conn.socket.is_readable()
+
+    def take_idle(self, origin: _Origin) -> _Connection | None:
+        """The origin's most recently used idle connection that is still good, if any."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if self._usable(conn, now):
+                return conn
+            conn.close()
+        return None
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + _SWEEP_INTERVAL
+        for idle in self._idle.values():
+            usable = []
+            for conn in idle:
+                if self._usable(conn, now):
+                    usable.append(conn)
+                else:
+                    conn.close()
+            idle[:] = usable
+
+    def give_back(self, origin: _Origin, conn: _Connection) -> None:
+        conn.h11.start_next_cycle()
+        conn.idle_since = time.monotonic()
+        self._idle.setdefault(origin, []).append(conn)
+
+    async def aclose(self) -> None:
+        """Close every idle connection (busy ones close when their request ends)."""
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+        await trio.lowlevel.checkpoint()
+
+    async def connect(self, url: HttpUrl, exchange: _Exchange) -> _Connection:
+        """A new connection for `url`: direct, through the proxy, or tunnelled (https via a proxy)."""
+        settings = exchange.settings
+        timeout = (settings.connect_timeout_msecs or settings.request_timeout_msecs) / 1000
+        proxy = self.proxy
+        via = proxy or url
+        conn = await self._open(via.connect_host.decode("ascii"), via.port or (443 if via.have_ssl else 80), exchange)
+        try:
+            if via.have_ssl:
+                await self._start_tls(conn, via.connect_host, timeout)
+            if proxy is not None and url.have_ssl:
+                await _tunnel(conn, url, proxy, exchange)
+                await self._start_tls(conn, url.connect_host, timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _open(self, host: str, port: int, exchange: _Exchange) -> _Connection:
+        """Dovecot's connection setup: its DNS errors, one address after the other, connect
+        attempts with backoff (max_connect_attempts), and its texts for every failure."""
+        settings = exchange.settings
+        timeout = (settings.connect_timeout_msecs or settings.request_timeout_msecs) / 1000
+        addresses = await _resolve(host, timeout)
         first_attempt = time.monotonic()
         backoff: dict[str, tuple[float, int]] = {}  # address -> (last failure, backoff msecs)
         attempts = index = 0
@@ -972,17 +1100,22 @@ class _Network(httpcore.AsyncNetworkBackend):
             conn_id = next(self._conn_ids)
             attempts += 1
             started = time.monotonic()
+            sock = trio.socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
             try:
-                stream = await self._trio.connect_tcp(
-                    address, port, timeout, local_address=local_address, socket_options=socket_options
-                )
-            except httpcore.ConnectTimeout:
+                with trio.fail_after(timeout):
+                    await sock.connect((address, port))
+            except trio.TooSlowError:
+                sock.close()
                 spent = _secs(_msecs(time.monotonic() - started))
                 reason = f"connect({name}) failed: Connection timed out in {spent} secs"
-            except httpcore.ConnectError as exc:
+            except OSError as exc:
+                sock.close()
                 reason = f"connect({name}) failed: {_os_error_text(exc)}"
+            except BaseException:
+                sock.close()
+                raise
             else:
-                return _Stream(stream, name, conn_id, time.monotonic())
+                return _Connection(sock, name, conn_id)
             msecs = backoff[address][1] * 2 if address in backoff else settings.connect_backoff_time_msecs
             backoff[address] = (time.monotonic(), min(msecs, settings.connect_backoff_max_time_msecs))
             limit = settings.max_connect_attempts
@@ -994,45 +1127,42 @@ class _Network(httpcore.AsyncNetworkBackend):
                 raise _Failure(RequestError.CONNECT_FAILED, reason)
             index = (index + 1) % len(addresses)
 
-    async def _resolve(self, host: str, timeout: float | None) -> list[str]:
-        """The addresses to try, in getaddrinfo's order, as Dovecot's dns-client returns them."""
-        literal = host[1:-1] if host.startswith("[") else host
+    async def _start_tls(self, conn: _Connection, host: bytes, timeout: float) -> None:
+        """TLS on the connection, checked against the CA store with `host` as the name."""
+        started = time.monotonic()
+        hostname = host.decode("ascii").strip("[]")
+        stream = trio.SSLStream(conn.stream, self._ssl_context, server_hostname=hostname, https_compatible=True)
         try:
-            return [ipaddress.ip_address(literal).compressed]
-        except ValueError:
-            pass
-        with trio.move_on_after(timeout if timeout else float("inf")):
-            try:
-                found = await trio.socket.getaddrinfo(host.encode(), None, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                raise _Failure(
-                    RequestError.HOST_LOOKUP_FAILED, f"Failed to lookup host {host}: {exc.strerror}"
-                ) from None
-            return list(dict.fromkeys(str(info[4][0]) for info in found))
-        raise _Failure(RequestError.HOST_LOOKUP_FAILED, f"Failed to lookup host {host}: Lookup timed out")
+            with trio.fail_after(timeout):
+                await stream.do_handshake()
+        except trio.TooSlowError:
+            spent = _secs(_msecs(time.monotonic() - started))
+            raise _Failure(
+                RequestError.CONNECT_FAILED,
+                f"SSL handshaking with {conn.name} failed: Connection timed out in {spent} secs",
+            ) from None
+        except trio.BrokenResourceError as exc:
+            raise _Failure(
+                RequestError.CONNECT_FAILED,
+                f"SSL handshaking with {conn.name} failed: read(SSL {conn.label}) failed: {_tls_error_text(exc)}",
+            ) from None
+        conn.stream = stream
 
-    async def sleep(self, seconds: float) -> None:
-        await trio.sleep(seconds)
 
-
-def new_connection_pool(settings: ClientSettings, ssl_context: ssl.SSLContext) -> httpcore.AsyncConnectionPool:
-    """Keep-alive connections for clients that share a proxy and an idle time."""
-    proxy = None
-    if settings.proxy_url is not None:
-        url = settings.proxy_url
-        scheme = b"https" if url.have_ssl else b"http"
-        proxy = httpcore.Proxy(
-            url=httpcore.URL(scheme=scheme, host=url.connect_host, port=url.port or None, target=b"/"),
-            auth=(url.user, url.password) if url.user and url.password is not None else None,
-            ssl_context=ssl_context if url.have_ssl else None,
+async def _tunnel(conn: _Connection, url: HttpUrl, proxy: HttpUrl, exchange: _Exchange) -> None:
+    """CONNECT host:port through the proxy; any answer but 2xx fails the request."""
+    authority = b"%s:%d" % (url.connect_host, url.port or 443)
+    headers = [(b"Host", authority), (b"Accept", b"*/*")]
+    if proxy.user and proxy.password is not None:
+        headers.append((b"Proxy-Authorization", _basic(proxy.user, proxy.password)))
+    timeout = exchange.settings.request_timeout_msecs / 1000
+    response = await _roundtrip(conn, exchange, b"CONNECT", authority, headers, None, timeout)
+    if not 200 <= response.status_code <= 299:
+        reason = f"{response.status_code} {response.reason.decode('ascii', 'ignore')}"
+        raise _Failure(
+            RequestError.CONNECT_FAILED, f"Tunnel connect({proxy.authority.decode('latin-1')}) failed: {reason}"
         )
-    return httpcore.AsyncConnectionPool(
-        ssl_context=ssl_context,
-        proxy=proxy,
-        max_connections=None,
-        keepalive_expiry=settings.max_idle_time_msecs / 1000 or None,
-        network_backend=_Network(),
-    )
+    conn.h11 = _http11()  # what follows is TLS, then HTTP/1.1 on the tunnel
 
 
 # --- sending: http-client-request.c, http-client-connection.c -------------------------
@@ -1056,7 +1186,7 @@ def _headers(
     """Dovecot's implicit headers (unless the script set them), then the script's own.
 
     One difference: when the script removed its own Host, Dovecot sends none; HTTP/1.1
-    (and httpcore) require one, so authd sends the URL's.
+    (and h11) require one, so authd sends the URL's.
     """
     ever_set = request.headers_ever_set
     own = request.headers
@@ -1070,7 +1200,7 @@ def _headers(
     if b"authorization" not in ever_set and user and password is not None:
         headers.append((b"Authorization", _basic(user, password)))
     if proxy is not None and proxy.user and proxy.password is not None:
-        # Here rather than first, where httpcore would put its copy for the proxy.
+        # The proxy's credentials: it reads this request itself (only https is tunnelled).
         headers.append((b"Proxy-Authorization", _basic(proxy.user, proxy.password)))
     if b"user-agent" not in ever_set and settings.user_agent:
         headers.append((b"User-Agent", settings.user_agent))
@@ -1084,8 +1214,77 @@ def _headers(
     return headers + [(name, value.strip(b" \t")) for name, value in own]
 
 
+async def _roundtrip(
+    conn: _Connection,
+    exchange: _Exchange,
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    payload: bytes | None,
+    timeout: float,
+) -> h11.Response | h11.InformationalResponse:
+    """Send one request and read its response head; each read or write may take `timeout`.
+
+    A failed write is not the end: the server may have answered before it closed (say
+    413 to a large payload), so the response, or the read that fails, decides.
+    """
+    state = conn.h11
+    try:
+        data = state.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        if payload:
+            data += state.send(h11.Data(data=payload)) or b""
+        data += state.send(h11.EndOfMessage()) or b""
+    except h11.LocalProtocolError as exc:
+        raise _Failure(RequestError.ABORTED, f"Cannot send this request: {exc}") from None
+    exchange.sending(conn)
+    with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await conn.stream.send_all(data)
+        while True:
+            try:
+                event = state.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Failure(RequestError.BAD_RESPONSE, str(exc)) from None
+            if event is h11.NEED_DATA:
+                scope.deadline = trio.current_time() + timeout
+                try:
+                    data = bytes(await conn.stream.receive_some(_READ_SIZE))
+                except trio.BrokenResourceError as exc:
+                    raise exchange.lost(f"read({conn.label}) failed: {_os_error_text(exc)}") from None
+                if not data:
+                    raise exchange.lost(f"read({conn.label}) failed: EOF")
+                state.receive_data(data)
+            elif isinstance(event, h11.Response):
+                return event
+            elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                return event  # the exchange ends here: nothing is read after a 101
+            # else 100 Continue (or another 1xx): the final response follows
+    raise exchange.failed(RequestError.TIMED_OUT, "Request timed out")
+
+
+async def _read_body(conn: _Connection, timeout: float) -> bytes:
+    """The response body as far as it arrives: like Dovecot, the script gets what came
+    (Dovecot only logs a read error); each read may take `timeout`."""
+    state = conn.h11
+    chunks = []
+    with trio.CancelScope() as scope:
+        try:
+            while True:
+                event = state.next_event()
+                if event is h11.NEED_DATA:
+                    scope.deadline = trio.current_time() + timeout
+                    state.receive_data(bytes(await conn.stream.receive_some(_READ_SIZE)))
+                elif type(event) is h11.Data:
+                    chunks.append(event.data)
+                else:
+                    break  # EndOfMessage
+        except (trio.BrokenResourceError, h11.RemoteProtocolError):
+            pass
+    return b"".join(chunks)
+
+
 async def _send_once(
-    pool: httpcore.AsyncConnectionPool,
+    pool: ConnectionPool,
     exchange: _Exchange,
     method: bytes,
     url: HttpUrl,
@@ -1097,50 +1296,41 @@ async def _send_once(
 
     After a redirect, 2.3 treats the new origin like a proxy and sends the request
     target in absolute form (http_client_request_do_submit()); authd does the same.
+    Through a proxy (http URLs) the target is always absolute.
     """
-    settings = exchange.settings
-    attempt_timeout = settings.request_timeout_msecs / 1000
-    timeouts = {
-        "connect": (settings.connect_timeout_msecs or settings.request_timeout_msecs) / 1000,
-        "read": attempt_timeout,
-        "write": attempt_timeout,
-        "pool": None,
-    }
-    scheme = b"https" if url.have_ssl else b"http"
-    proxied = settings.proxy_url is not None and not url.have_ssl  # httpcore makes the target absolute
-    request_target = url.absolute if redirected and not proxied else url.target
-    wire_url = httpcore.URL(scheme=scheme, host=url.connect_host, port=url.port or None, target=request_target)
-    extensions = {"timeout": timeouts}
-    wire = httpcore.Request(method, wire_url, headers=headers, content=payload or b"", extensions=extensions)
+    timeout = exchange.settings.request_timeout_msecs / 1000
+    origin = (url.have_ssl, url.connect_host, url.port or (443 if url.have_ssl else 80))
+    target = url.absolute if redirected or (pool.proxy is not None and not url.have_ssl) else url.target
+    conn = pool.take_idle(origin) or await pool.connect(url, exchange)
     try:
-        response = await pool.handle_async_request(wire)
-    except (httpcore.ReadTimeout, httpcore.WriteTimeout):
-        raise exchange.failed(RequestError.TIMED_OUT, "Request timed out") from None
-    except httpcore.RemoteProtocolError as exc:
-        if exchange.eof:
-            raise exchange.lost(f"read({exchange.label}) failed: EOF") from None
-        raise _Failure(RequestError.BAD_RESPONSE, str(exc)) from None
-    except httpcore.ReadError as exc:
-        raise exchange.lost(f"read({exchange.label}) failed: {_os_error_text(exc)}") from None
-    except httpcore.WriteError as exc:
-        if _os_error(exc) in (errno.EPIPE, errno.ECONNRESET):
-            raise exchange.lost("Remote disconnected") from None
-        raise exchange.lost(f"write({exchange.label}) failed: {_os_error_text(exc)}") from None
-    except httpcore.ProxyError as exc:
-        proxy = settings.proxy_url.authority.decode("latin-1") if settings.proxy_url else ""
-        raise _Failure(RequestError.CONNECT_FAILED, f"Tunnel connect({proxy}) failed: {exc}") from None
-    except httpcore.LocalProtocolError as exc:
-        raise _Failure(RequestError.ABORTED, f"Cannot send this request: {exc}") from None
-    body = bytearray()
-    try:
-        async for chunk in response.aiter_stream():
-            body += chunk
-    except (httpcore.ReadError, httpcore.ReadTimeout, httpcore.RemoteProtocolError):
-        pass  # like Dovecot, the script gets what arrived (Dovecot only logs the read error)
-    finally:
-        await response.aclose()
-    reason = response.extensions.get("reason_phrase", b"")
-    return HttpResponse(response.status, reason, tuple(response.headers), bytes(body))
+        response = await _roundtrip(conn, exchange, method, target, headers, payload, timeout)
+        body = await _read_body(conn, timeout)
+    except BaseException:
+        conn.close()
+        raise
+    if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+        pool.give_back(origin, conn)
+    else:
+        conn.close()
+    return HttpResponse(response.status_code, response.reason, tuple(response.headers), body)
+
+
+class _DateHeader:
+    """The Date header's value, made once a second: formatting it costs more than a request's other headers."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._value = email.utils.formatdate(second, usegmt=True).encode()
+            self._second = second
+        return self._value
+
+
+_date = _DateHeader()
 
 
 def _http_date(value: bytes | None) -> float | None:
@@ -1175,32 +1365,33 @@ def _retry_delay(response: HttpResponse, settings: ClientSettings) -> tuple[int,
 
 
 async def _run(
-    pool: httpcore.AsyncConnectionPool, settings: ClientSettings, request: HttpRequest, progress: _Progress
+    pool: ConnectionPool, settings: ClientSettings, request: HttpRequest, progress: _Progress
 ) -> HttpResponse:
     """Send until there is an answer for the script: retries and redirects as Dovecot does them."""
     method, url, payload = request.method, request.url, request.payload
     expect_continue = bool(payload) and request.expect_continue
-    date = email.utils.formatdate(usegmt=True).encode()
+    date = _date.now()
     redirects = 0
     while True:
         headers = _headers(settings, request, method, url, payload, expect_continue, date)
         exchange = _Exchange(settings, progress)
-        token = _current_exchange.set(exchange)
         try:
             response = await _send_once(pool, exchange, method, url, headers, payload, redirects > 0)
         except _Failure as failure:
             if failure.retryable and not settings.no_auto_retry and progress.retry(settings.max_attempts):
                 continue
             return _failure(failure.status, failure.reason)
-        finally:
-            _current_exchange.reset(token)
         status = response.status
-        location = response.header(b"location")
         if status == 417 and expect_continue:
             expect_continue = False
             if progress.retry(settings.max_attempts):
                 continue
-        elif not settings.no_auto_redirect and status // 100 == 3 and status != 304 and location is not None:
+        elif (
+            not settings.no_auto_redirect
+            and status // 100 == 3
+            and status != 304
+            and (location := response.header(b"location")) is not None
+        ):
             delay_kind, delay = _retry_delay(response, settings)
             if delay_kind >= 0:
                 try:
@@ -1225,16 +1416,15 @@ async def _run(
                 continue
         elif status == 408 and progress.retry(settings.max_attempts):
             continue
-        return replace(response, reason=progress.retried(response.reason))
+        return replace(response, reason=progress.retried(response.reason)) if progress.retries else response
 
 
-async def send_request(
-    pool: httpcore.AsyncConnectionPool, settings: ClientSettings, request: HttpRequest
-) -> HttpResponse:
+async def send_request(pool: ConnectionPool, settings: ClientSettings, request: HttpRequest) -> HttpResponse:
     """Send a request the way Dovecot 2.3's http-client does; failures become 9000-9008 responses."""
     progress = _Progress(time.monotonic())
-    absolute = settings.request_absolute_timeout_msecs / 1000
-    with trio.move_on_after(absolute or float("inf")):
+    if not settings.request_absolute_timeout_msecs:
+        return await _run(pool, settings, request, progress)
+    with trio.move_on_after(settings.request_absolute_timeout_msecs / 1000):
         return await _run(pool, settings, request, progress)
     return _failure(RequestError.TIMED_OUT, f"Absolute request timeout expired ({progress.stats()})")
 
@@ -1242,23 +1432,15 @@ async def send_request(
 # --- the extension ----------------------------------------------------------------------
 
 
-def _url_problems(url: bytes) -> tuple[bytes | None, bytes | None]:
-    """For http.lua: why Dovecot rejects this URL, and why it would crash sending it."""
+def _check_url(url: bytes) -> tuple[HttpUrl | None, bytes | None, bytes | None]:
+    """For http.lua: the parsed URL, or why Dovecot rejects it; and why it would crash sending it."""
     try:
         parsed = parse_http_url(url, allow_userinfo=True)
     except UrlError as exc:
-        return str(exc).encode("latin-1"), None
+        return None, str(exc).encode("latin-1"), None
     if parsed.user and parsed.password is not None and b":" in parsed.user:
-        return None, b"a user name with ':' cannot be sent in Basic authentication"
-    return None, None
-
-
-def _settings(payload: Mapping[bytes, Any]) -> ClientSettings:
-    """The settings a submitted request goes out with: 2.3 option tables or 2.4 parsed settings."""
-    raw = payload[b"settings"]
-    if isinstance(raw, ClientSettings24):
-        return raw.for_method(payload[b"method"])
-    return ClientSettings.from_lua(raw)
+        return None, None, b"a user name with ':' cannot be sent in Basic authentication"
+    return parsed, None, None
 
 
 _PoolKey = tuple[HttpUrl | None, int]
@@ -1275,14 +1457,23 @@ class HttpExtension:
     kind = b"http"
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        if ssl_context is not None:
+            ssl_context.set_alpn_protocols(["http/1.1"])
         self._ssl_context = ssl_context
-        self._pools: dict[_PoolKey, httpcore.AsyncConnectionPool] = {}
+        self._pools: dict[_PoolKey, ConnectionPool] = {}
+        #: Called with (status, seconds) when a script's request ends (for metrics);
+        #: status 9000-9008 is a request that got no HTTP response.
+        self.on_response: Callable[[int, float], None] | None = None
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
-        """The system's CA store unless one was given (Dovecot uses its ssl_client_ca_* settings)."""
+        """The system's CA store unless one was given (Dovecot uses its ssl_client_ca_* settings).
+
+        It offers ALPN "http/1.1", so that servers that also speak HTTP/2 answer in HTTP/1.1.
+        """
         if self._ssl_context is None:
             self._ssl_context = ssl.create_default_context()
+            self._ssl_context.set_alpn_protocols(["http/1.1"])
         return self._ssl_context
 
     def install(self, state: LuaState) -> None:
@@ -1299,26 +1490,36 @@ class HttpExtension:
             except TypeError as exc:
                 return None, None, str(exc).encode("latin-1")
 
+        def client_settings_23(options: Any) -> ClientSettings:
+            """For http.lua: a 2.3 client's checked options, parsed once for all its requests."""
+            return ClientSettings.from_lua(state.to_python(options))
+
         state.lua.execute(
             _lua_code(),
             state.api[b"yield_io"],
             self.kind,
-            _url_problems,
+            _check_url,
             state.options.dialect.encode(),
+            client_settings_23,
             client_settings_24,
             name="=authd-http",
         )
 
-    async def perform(self, payload: Mapping[bytes, Any]) -> dict[bytes, Any]:
-        settings = _settings(payload)
+    async def perform(self, spec: Mapping[int, Any]) -> list[Any]:
+        """Send what submit() yielded (see Submission.from_lua); the response as http.lua keeps it."""
+        payload = Submission.from_lua(spec)
+        settings = payload.client_settings
         key = (settings.proxy_url, settings.max_idle_time_msecs)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = new_connection_pool(settings, self.ssl_context)
-        response = await send_request(pool, settings, HttpRequest.from_lua(payload))
+            pool = self._pools[key] = ConnectionPool(settings, self.ssl_context)
+        started = trio.current_time()
+        response = await send_request(pool, settings, payload.request)
+        if self.on_response is not None:
+            self.on_response(response.status, trio.current_time() - started)
         return response.to_lua()
 
-    def perform_blocking(self, payload: Mapping[bytes, Any]) -> dict[bytes, Any]:
+    def perform_blocking(self, spec: Mapping[int, Any]) -> list[Any]:
         """submit() where Lua cannot yield: wait here, as Dovecot's submit() always does.
 
         From a trio worker thread the request still goes through the daemon's loop and
@@ -1328,27 +1529,28 @@ class HttpExtension:
         """
         if trio.lowlevel.in_trio_run():
             with ThreadPoolExecutor(max_workers=1) as helper:
-                return helper.submit(trio.run, self._perform_alone, payload).result()
+                return helper.submit(trio.run, self._perform_alone, spec).result()
         started = False
 
-        async def in_daemon_loop() -> dict[bytes, Any]:
+        async def in_daemon_loop() -> list[Any]:
             nonlocal started
             started = True
-            return await self.perform(payload)
+            return await self.perform(spec)
 
         try:
             return trio.from_thread.run(in_daemon_loop)
         except RuntimeError:
             if started:
                 raise
-        return trio.run(self._perform_alone, payload)
+        return trio.run(self._perform_alone, spec)
 
-    async def _perform_alone(self, payload: Mapping[bytes, Any]) -> dict[bytes, Any]:
+    async def _perform_alone(self, spec: Mapping[int, Any]) -> list[Any]:
         """One request on a connection of its own (a private loop cannot use the daemon's)."""
-        settings = _settings(payload)
-        pool = new_connection_pool(settings, self.ssl_context)
+        payload = Submission.from_lua(spec)
+        settings = payload.client_settings
+        pool = ConnectionPool(settings, self.ssl_context)
         try:
-            response = await send_request(pool, settings, HttpRequest.from_lua(payload))
+            response = await send_request(pool, settings, payload.request)
         finally:
             await pool.aclose()
         return response.to_lua()

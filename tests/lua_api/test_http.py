@@ -20,6 +20,8 @@ import pytest
 import trio
 
 from lua_api.http import HttpExtension, UrlError, parse_http_url
+from lua_api.request import LuaRequest
+from lua_api.request_vars import RequestVars
 from lua_api.runtime import CallOutcome, LuaState, StateOptions, drive, run_in_loop
 
 # --- a recording HTTP/1.1 server ---------------------------------------------------------
@@ -232,15 +234,12 @@ end
 
 
 @pytest.mark.parametrize(("password", "code", "data"), [("s3cret", 1, b"nopassword=y"), ("wrong", 0, b"")])
-async def test_nextcloud_propfind(
-    ext: HttpExtension, backend: Backend, password: str, code: int, data: bytes
-) -> None:
+async def test_nextcloud_propfind(ext: HttpExtension, backend: Backend, password: str, code: int, data: bytes) -> None:
     state = new_state(ext, backend, NEXTCLOUD)
 
     def request() -> tuple[Any, ...]:
-        variables = state.lua.table_from({b"user": b"alice", b"password": password.encode()})
-        no_fields, no_flags = state.lua.table(), state.lua.table()
-        return (state.api[b"new_request"](None, variables, no_fields, no_fields, no_flags),)
+        item = LuaRequest(RequestVars(user=b"alice", mech_password=password.encode()))
+        return (state.api[b"new_request"](item, False, False, False, False),)
 
     outcome = await drive(state, b"auth_passdb_lookup", b"lookup", run_in_loop, request)
     assert outcome.ok, outcome.error
@@ -573,8 +572,7 @@ AT = "test.lua:2: "
         ),
         (
             CLIENT + ':request{url = "http://a%3Ab:c@h/"}',
-            AT + "authd: a user name with ':' cannot be sent in Basic authentication"
-            " (Dovecot would crash on submit)",
+            AT + "authd: a user name with ':' cannot be sent in Basic authentication (Dovecot would crash on submit)",
         ),
     ],
 )
@@ -617,9 +615,7 @@ async def test_submit_yields_instead_of_blocking_the_loop(ext: HttpExtension, ba
     assert [result(state) for state in states] == [200, 200]
 
 
-async def test_connections_are_kept_alive_and_shared_between_states(
-    ext: HttpExtension, backend: Backend
-) -> None:
+async def test_connections_are_kept_alive_and_shared_between_states(ext: HttpExtension, backend: Backend) -> None:
     code = RUN_SLOW.replace("{}", "{max_attempts = 1}").replace("slow?0.5", "ok")
     for state in (new_state(ext, backend, code), new_state(ext, backend, code)):
         await call(state)
@@ -639,9 +635,7 @@ async def test_blocking_submit_from_a_trio_worker_thread_uses_the_shared_pool(
     assert backend.connections == 1
 
 
-async def test_blocking_submit_on_the_loop_thread_stalls_the_loop(
-    ext: HttpExtension, backend: Backend
-) -> None:
+async def test_blocking_submit_on_the_loop_thread_stalls_the_loop(ext: HttpExtension, backend: Backend) -> None:
     # blocking = no and no yield possible: like Dovecot's auth process, everything waits.
     state = new_state(ext, backend, RUN_SLOW)
     ticks = 0
