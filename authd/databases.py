@@ -11,12 +11,13 @@ from collections.abc import Callable
 import trio
 
 from authd.cache_glue import parse_cache_key
-from authd.lua_db import LuaPassdb, LuaUserdb
+from authd.lua_db import LuaPassdb, LuaScriptDb, LuaUserdb
 from authd.passdb import PassdbChain, PassdbDriver, PassdbEntry, Rule
 from authd.passwd_file import PasswdFilePassdb, PasswdFileUserdb
 from authd.static_db import StaticPassdb, StaticUserdb
 from authd.userdb import PrefetchUserdb, UserdbChain, UserdbDriver, UserdbEntry
 from config.schema import Config, PassdbSettings, UserdbSettings
+from lua_api.pool import ScriptPool
 from lua_api.runtime import StateOptions
 
 #: Drivers whose results Dovecot caches by default, and their default cache_key.
@@ -63,6 +64,9 @@ def _passdb(
             workers=config.lua.workers,
             limiter=limiter,
             db_id=index + 1,
+            max_states=config.lua.max_states,
+            state_idle_timeout=config.lua.state_idle_timeout,
+            calls_per_state=settings.calls_per_state,
             debug=config.auth.debug,
             dialect=settings.dialect,
             lua_settings=settings.settings,
@@ -128,6 +132,9 @@ def _userdb(
             workers=config.lua.workers,
             limiter=limiter,
             db_id=index + 1,
+            max_states=config.lua.max_states,
+            state_idle_timeout=config.lua.state_idle_timeout,
+            calls_per_state=settings.calls_per_state,
             debug=config.auth.debug,
             dialect=settings.dialect,
             lua_settings=settings.settings,
@@ -149,3 +156,20 @@ def _userdb(
         result_failure=Rule(settings.result_failure),
         result_internalfail=Rule(settings.result_internalfail),
     )
+
+
+def lua_drivers(passdbs: PassdbChain, userdbs: UserdbChain) -> list[LuaScriptDb]:
+    """The Lua passdbs and userdbs of a generation (a script used by both appears twice)."""
+    entries: list[PassdbEntry | UserdbEntry] = [*passdbs.entries, *userdbs.entries]
+    return [e.driver for e in entries if isinstance(e.driver, LuaScriptDb)]
+
+
+def lua_pools(passdbs: PassdbChain, userdbs: UserdbChain) -> list[tuple[str, ScriptPool]]:
+    """The Lua state pools of a generation, each with its script's path (the metrics' label).
+
+    What the authd_lua_* metrics read: `pool.states` and `pool.busy` (plain ints, free to
+    read at scrape time; a passdb and a userdb of one script are two pools, sum them),
+    and `pool.on_wait`, called with the seconds a call waited for a state, for each
+    call that had to wait (a call that found a free state costs nothing).
+    """
+    return [(str(driver.path), driver.pool) for driver in lua_drivers(passdbs, userdbs)]

@@ -15,9 +15,11 @@ from dataclasses import replace
 import structlog
 
 from authd.auth_request import AuthRequest
+from authd.fields import AuthFields
 from authd.passwords import verify
 from lua_api.library import EventLog
 from lua_api.request import LuaRequest
+from lua_api.request_vars import RequestVars
 from lua_api.var_expand import ExpandContext
 
 _LEVELS = ("debug", "info", "warning", "error")
@@ -33,6 +35,18 @@ def expand_context(environment: Mapping[str, str]) -> ExpandContext:
     )
 
 
+class _FieldView:
+    """`req.passdb` / `req.userdb` of a script: the request's fields as they are when read."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: AuthFields | None) -> None:
+        self._fields = fields
+
+    def get(self, key: bytes, /) -> bytes | None:
+        return self._fields.find(key) if self._fields is not None else None
+
+
 def lua_request(
     req: AuthRequest,
     environment: ExpandContext,
@@ -43,21 +57,27 @@ def lua_request(
     hide_password: bool = False,
 ) -> LuaRequest:
     """The request as a script sees it. `hide_password`: as a Dovecot auth worker sees a
-    userdb request, which auth_request_export() sends without the password."""
-    variables = req.vars(db_id=db_id)
-    if hide_password:
-        variables = replace(variables, mech_password=None)
+    userdb request, which auth_request_export() sends without the password.
+
+    Nothing is copied here: variables and fields are read when the script asks (most
+    scripts read two or three), and nothing changes the request while its script runs.
+    """
+
+    def variables() -> RequestVars:
+        found = req.vars(db_id=db_id)
+        return replace(found, mech_password=None) if hide_password else found
+
     return LuaRequest(
-        vars=variables,
-        context=req,
-        passdb_fields=req.extra_fields.as_dict(),
-        userdb_fields=req.userdb_reply.as_dict() if req.userdb_reply is not None else {},
-        flags={
-            "skip_password_check": req.skip_password_check,
-            "passdbs_seen_user_unknown": req.passdbs_seen_user_unknown,
-            "passdbs_seen_internal_failure": req.passdbs_seen_internal_failure,
-            "userdbs_seen_internal_failure": req.userdbs_seen_internal_failure,
-        },
+        variables,
+        req,
+        _FieldView(req.extra_fields),
+        _FieldView(req.userdb_reply),
+        (
+            req.skip_password_check,
+            req.passdbs_seen_user_unknown,
+            req.passdbs_seen_internal_failure,
+            req.userdbs_seen_internal_failure,
+        ),
         userdb_lookup=userdb_lookup,
         expand_context=environment,
         db_name=db_name,

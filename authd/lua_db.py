@@ -7,6 +7,7 @@ script (nopassword, missing passwords, the default scheme, log lines).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,12 @@ log = structlog.get_logger("authd.lua")
 
 
 class LuaScriptDb:
-    """What the passdb and userdb drivers share: the pool and the request adapter."""
+    """What the passdb and userdb drivers share: the pool and the request adapter.
+
+    blocking = true pools start with `workers` states, blocking = false ones with one;
+    both grow to `max_states` while calls wait (a blocking = false state, too, waits
+    for HTTP without holding anything but itself).
+    """
 
     kind = "passdb"
 
@@ -39,6 +45,9 @@ class LuaScriptDb:
         workers: int,
         limiter: trio.CapacityLimiter,
         db_id: int,
+        max_states: int | None = None,
+        state_idle_timeout: float = 60.0,
+        calls_per_state: int = 1,
         debug: bool = False,
         dialect: str = "2.3",
         lua_settings: tuple[tuple[str, str], ...] = (),
@@ -56,8 +65,17 @@ class LuaScriptDb:
         options = replace(options, dialect=dialect, lua_settings=lua_settings)
         run = thread_executor(limiter) if blocking else run_in_loop
         self.pool = ScriptPool(
-            path, DaemonScriptHost(str(path), debug=debug), options, size=workers if blocking else 1, run=run
+            path,
+            DaemonScriptHost(str(path), debug=debug),
+            options,
+            size=workers if blocking else 1,
+            run=run,
+            max_size=max_states,
+            idle_timeout=state_idle_timeout,
+            calls_per_state=calls_per_state,
         )
+        #: Called with a failed call's kind (timeout, memory, broken, error), for metrics.
+        self.on_failure: Callable[[str], None] | None = None
 
     async def start(self) -> None:
         """Load the script into every state (then, in 2.4, ask it for its cache key).
@@ -83,6 +101,12 @@ class LuaScriptDb:
     async def close(self) -> None:
         for error in await self.pool.close():
             log.error("lua.deinit_failed", script=str(self.path), message=error)
+
+    def _log_failure(self, req: AuthRequest, result: LookupResult, prefix: str) -> None:
+        """An entry point failed (error, timeout, memory): log Dovecot's line and count it."""
+        log.error("lua.error", message=f"{prefix}: {result.error}", **req.log_context())
+        if self.on_failure is not None:
+            self.on_failure(result.failure_kind or "error")
 
     def _apply_fields(self, req: AuthRequest, result: LookupResult, *, userdb: bool) -> None:
         for warning in result.warnings:
@@ -113,7 +137,7 @@ class LuaPassdb(LuaScriptDb):
             if result.code == PassdbResult.PASSWORD_MISMATCH:
                 log.info("auth.password_mismatch", message="Password mismatch", **req.log_context())
             elif result.code == PassdbResult.INTERNAL_FAILURE and result.error is not None:
-                log.error("lua.error", message=f"passdb-lua: {result.error}", **req.log_context())
+                self._log_failure(req, result, "passdb-lua")
             return result.code
         code, scheme, stored = await self.lookup(req)
         if code == PassdbResult.OK and verify_password(req, password, stored, scheme or "PLAIN") <= 0:
@@ -140,7 +164,7 @@ class LuaPassdb(LuaScriptDb):
         if scheme is None and not result.password_in_table and code in (PassdbResult.OK, PassdbResult.NEXT):
             scheme = "PLAIN"  # the string form never uses the passdb's default scheme
         if code == PassdbResult.INTERNAL_FAILURE and result.error is not None:
-            log.error("lua.error", message=f"db-lua: {result.error}", **req.log_context())
+            self._log_failure(req, result, "db-lua")
         elif code != PassdbResult.OK:
             pass
         elif b"nopassword" not in req.extra_fields:
@@ -176,7 +200,7 @@ class LuaUserdb(LuaScriptDb):
         result = await self.pool.call(call)
         self._apply_fields(req, result, userdb=True)
         if result.code == UserdbResult.INTERNAL_FAILURE and result.error is not None:
-            log.error("lua.error", message=f"userdb-lua: {result.error}", **req.log_context())
+            self._log_failure(req, result, "userdb-lua")
         return result.code
 
     async def iterate(self) -> IterateResult:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from config.schema import (
+    DEFAULT_MAX_STATES,
     DIALECTS,
     HANDSHAKES,
     LISTENER_TYPES,
@@ -149,6 +150,7 @@ def _auth(t: _Table) -> AuthSettings:
         ssl_require_client_cert=t.boolean("ssl_require_client_cert", defaults.ssl_require_client_cert),
         penalty=t.boolean("penalty", defaults.penalty),
         trusted_networks=t.strings("trusted_networks", defaults.trusted_networks),
+        proxy_self=t.strings("proxy_self", defaults.proxy_self),
         debug=t.boolean("debug", defaults.debug),
     )
     for network in settings.trusted_networks:
@@ -156,6 +158,11 @@ def _auth(t: _Table) -> AuthSettings:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise t.error("trusted_networks", f"not a network: {network!r}") from None
+    for address in settings.proxy_self:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise t.error("proxy_self", f"not an IP address: {address!r} (names are not resolved)") from None
     if "anonymous" in settings.mechanisms and not settings.anonymous_username:
         raise t.error("anonymous_username", "the ANONYMOUS mechanism needs a non-empty anonymous_username")
     if len(settings.master_user_separator) > 1:
@@ -228,7 +235,10 @@ def _db(t: _Table, kind: str) -> dict[str, Any]:
         "result_internalfail": t.choice("result_internalfail", RULES, "continue"),
         "skip": t.choice("skip", skips, "never"),
         "cache_key": t.string("cache_key", None),
+        "calls_per_state": t.integer("calls_per_state", 1, minimum=1),
     }
+    if fields["calls_per_state"] != 1 and driver != "lua":
+        raise t.error("calls_per_state", f"only lua {kind}s run in Lua states (this one is {driver})")
     if driver in ("lua", "passwd-file") and fields["file"] is None:
         example = "script.lua" if driver == "lua" else "users"
         raise t.error("file", f'a {driver} {kind} needs file = "/path/to/{example}"')
@@ -260,8 +270,7 @@ def _check_passdbs(passdbs: tuple[PassdbSettings, ...], source: str) -> None:
             raise ConfigError(f"{source}: passdb[{index}].deny: a master passdb can't have deny = true")
         if passdb.master and passdb.pass_ and not normal:
             raise ConfigError(
-                f"{source}: passdb[{index}].pass: "
-                "a master passdb can't have pass = true without other passdbs"
+                f"{source}: passdb[{index}].pass: a master passdb can't have pass = true without other passdbs"
             )
 
 
@@ -272,9 +281,15 @@ def _userdb(t: _Table) -> UserdbSettings:
 
 
 def _lua(t: _Table) -> LuaSettings:
+    workers = t.integer("workers", 30, minimum=1)
+    max_states = t.integer("max_states", None, minimum=1)
+    if max_states is not None and max_states < workers:
+        raise t.error("max_states", f"expected at least workers ({workers}), got {max_states}")
     settings = LuaSettings(
         version=t.choice("version", LUA_VERSIONS, "5.4"),
-        workers=t.integer("workers", 30, minimum=1),
+        workers=workers,
+        max_states=max_states if max_states is not None else max(DEFAULT_MAX_STATES, workers),
+        state_idle_timeout=t.number("state_idle_timeout", 60.0, minimum=0.1),
         package_path=t.string("package_path", None),
         package_cpath=t.string("package_cpath", None),
         import_environment=t.strings("import_environment", ()),
@@ -326,9 +341,7 @@ def _relative(base: Path | None, path: Path | None) -> Path | None:
     return base.parent / path
 
 
-def parse_config(
-    data: Mapping[str, Any], source: Path | None = None, *, require_listeners: bool = True
-) -> Config:
+def parse_config(data: Mapping[str, Any], source: Path | None = None, *, require_listeners: bool = True) -> Config:
     """Validate already-parsed TOML data; relative paths are taken from the file's directory."""
     root = _Table(data, "", str(source) if source else "<config>")
     section: Callable[[str], _Table] = root.table

@@ -53,6 +53,8 @@ class AuthSettings:
     penalty: bool = True
     #: Networks exempt from the penalty (like login_trusted_networks).
     trusted_networks: tuple[str, ...] = ()
+    #: Addresses that also count as this server for proxy_maybe (auth_proxy_self).
+    proxy_self: tuple[str, ...] = ()
     debug: bool = False
 
 
@@ -100,6 +102,9 @@ class PassdbSettings:
     mechanisms: tuple[str, ...] = ()
     username_filter: tuple[str, ...] = ()
     cache_key: str | None = None
+    #: Calls one Lua state may run at once, interleaved at their I/O waits. 1 is
+    #: Dovecot's behaviour; more only for scripts that keep no per-call data in globals.
+    calls_per_state: int = 1
 
 
 @dataclass(frozen=True)
@@ -116,12 +121,24 @@ class UserdbSettings:
     result_internalfail: str = "continue"
     skip: str = "never"
     cache_key: str | None = None
+    calls_per_state: int = 1
+
+
+#: [lua] max_states when not set (and workers is lower): enough states for hundreds of
+#: calls waiting on HTTP backends at once, at about 190 KB each.
+DEFAULT_MAX_STATES = 256
 
 
 @dataclass(frozen=True)
 class LuaSettings:
     version: str = "5.4"
+    #: Threads that run Lua for blocking = true scripts, and states each of them starts with.
     workers: int = 30
+    #: States a script's pool may grow to while calls wait for one (at least `workers`).
+    max_states: int = DEFAULT_MAX_STATES
+    #: Seconds a state beyond the ones a pool starts with may stay idle before it is
+    #: retired (Dovecot's default idle_kill for auth workers).
+    state_idle_timeout: float = 60.0
     package_path: str | None = None
     package_cpath: str | None = None
     import_environment: tuple[str, ...] = ()

@@ -8,8 +8,10 @@
 -- Memory: lupa's max_memory must apply only while script code runs (a "slice"),
 -- never while lupa or Python push and read values from outside: an allocation
 -- failure there aborts the process (Lua panic) or, inside a Python callback,
--- longjmps past the GIL and deadlocks it. The garbage collector is stopped at the
--- same moments, because its finalizers raise errors on Lua 5.1-5.3 (a panic too).
+-- longjmps past the GIL and deadlocks it. On Lua 5.1-5.3 the garbage collector is
+-- stopped at the same moments, because its finalizers raise errors there (a panic
+-- too). Lua 5.4 turns finalizer errors into warnings, so its collector runs freely:
+-- restarting it costs a collection step per slice, the biggest part of a trivial call.
 -- Loaded once per state, right after the prelude.
 local api, host = ...
 
@@ -20,6 +22,7 @@ local co_create, co_wrap, co_running, co_status =
   coroutine.create, coroutine.wrap, coroutine.running, coroutine.status
 local clock, set_limit, count, limited = host.clock, host.set_limit, host.count, host.limited
 local jit = jit
+local stop_gc = _VERSION ~= "Lua 5.4"
 
 -- Python callables are userdata with lupa's metatable; its original __call reaches
 -- Python without the shield below (set_limit must not toggle itself).
@@ -48,7 +51,7 @@ local depth = 0         -- Python callbacks in progress within the slice
 local current = nil     -- the running call: {deadline = clock value or nil, expired, where, escalated}
 
 local function limits(on)
-  collectgarbage(on and "restart" or "stop")
+  if stop_gc then collectgarbage(on and "restart" or "stop") end
   if limited then python_call(set_limit, on) end
 end
 
@@ -137,11 +140,12 @@ if count > 0 then
   end
 end
 
-local start_call, resume, abandon = api.start_call, api.resume, api.abandon
+local start_call, resume, abandon, passthrough_leak =
+  api.start_call, api.resume, api.abandon, api.passthrough_leak
 local calls = {}
 
 -- What log lines call the target.
-local function entry_name(target, ...)
+api.entry_name = function(target, ...)
   if type(target) == "string" then return target end
   local info = getinfo(target, "S")
   if info.what == "main" then return "main chunk" end
@@ -149,12 +153,10 @@ local function entry_name(target, ...)
   return info.short_src .. ":" .. info.linedefined
 end
 
--- start_call with the call's deadline (a host.clock() value, nil for none); also
--- returns the entry's name.
-api.start_call = function(deadline, target, mode, ...)
-  local handle = start_call(target, mode, ...)
-  calls[handle] = {deadline = deadline}
-  return handle, entry_name(target, ...)
+-- A finished call: "done", the passthrough event it left unlogged (entry points only:
+-- loading checks once after script_init), then ok and the results or the error.
+local function done(call, ...)
+  return "done", call and call.leaks and passthrough_leak() or nil, ...
 end
 
 local function finish(handle, ok, ...)
@@ -168,29 +170,54 @@ local function finish(handle, ok, ...)
     for _, co in ipairs(call.escalated) do  -- a script's coroutine may live on, suspended
       if co_status(co) ~= "dead" then sethook(co, guard_hook, "", count) end
     end
-    return "done", false, call.where, "timeout"
+    return done(call, false, call.where, "timeout")
   end
   if not ok then  -- the machinery itself failed (out of memory in resume)
     calls[handle] = nil
     abandon(handle)
     local err = ...
-    return "done", false, type(err) == "string" and err or "authd: resuming the call failed", "broken"
+    return done(call, false, type(err) == "string" and err or "authd: resuming the call failed", "broken")
   end
-  if (...) == "done" then calls[handle] = nil end
+  if (...) == "done" then
+    calls[handle] = nil
+    return done(call, select(2, ...))
+  end
   return ...
 end
 
 -- One slice: the call's script code runs until it yields for I/O or ends.
-api.resume = function(handle, ...)
+local function slice(handle, ...)
   current, in_slice, depth = calls[handle], true, 0
   if jit and count > 0 then sethook(guard_hook, "", count) end  -- undo a global escalation
   limits(true)
   return finish(handle, pcall(resume, handle, ...))
 end
 
-api.abandon = function(handle)
-  calls[handle] = nil
-  abandon(handle)
+-- Start a call and run its first slice: `deadline` is a host.clock() value (nil for
+-- none), the rest is the prelude's call_entry arguments. Returns the call's handle,
+-- then what the slice gave: "io", kind, payload or "done", leak, ok, ...
+api.call = function(deadline, target, mode, ...)
+  local handle = start_call()
+  calls[handle] = {deadline = deadline, leaks = mode ~= "none" and mode ~= "init"}
+  return handle, slice(handle, target, mode, ...)
 end
 
-collectgarbage("stop")
+-- The next slice of a call that yielded for I/O, with the I/O's result.
+api.resume = slice
+
+-- Drop a suspended call; returns the passthrough event it left unlogged, if any.
+api.abandon = function(handle)
+  local call = calls[handle]
+  calls[handle] = nil
+  abandon(handle)
+  if call and call.leaks then return passthrough_leak() end
+end
+
+if stop_gc then
+  collectgarbage("stop")
+else
+  -- Every call leaves a little short-lived garbage (its coroutine, the request table):
+  -- the generational collector keeps a state near its live size at the same CPU cost,
+  -- where the incremental one lets it double between cycles.
+  collectgarbage("generational")
+end

@@ -454,9 +454,13 @@ end
 
 ---------------------------------------------------------------------------
 -- The request object: a fresh table per call with raw fields item, passdb,
--- userdb and the flags; variables and methods come from its metatable.
-local request_vars = setmetatable({}, {__mode = "k"})
+-- userdb and the flags; variables and methods come from its metatable. A variable
+-- is asked from Python (host.request_var) the first time the script reads it.
 local request_methods = {}
+local var_names = {}  -- the request variables of this dialect: name -> true
+for _, name in ipairs(host.request_var_names) do var_names[name] = true end
+local request_var = host.request_var
+local var_cache = setmetatable({}, {__mode = "k"})  -- req -> {name -> value or false}
 
 -- auth_lua_check_auth_request
 local function check_request(req)
@@ -471,10 +475,18 @@ local request_meta = {
     if type(key) ~= "string" then
       key = check_string(key, 2)
     end
-    local vars = request_vars[req]
-    if vars then
-      local value = vars[key]
-      if value ~= nil then return value end
+    if var_names[key] then
+      local cache = var_cache[req]
+      if cache == nil then
+        cache = {}
+        var_cache[req] = cache
+      end
+      local value = cache[key]
+      if value == nil then
+        value = request_var(rawget(req, "item"), key) or false
+        cache[key] = value
+      end
+      if value then return value end
     end
     local method = request_methods[key]
     if method ~= nil then return method end
@@ -531,27 +543,29 @@ if not v24 then  -- removed in 2.4.1
   end
 end
 
-local function field_view(item, fields)
-  return setmetatable({item = item}, {
-    __index = function(_, key)
-      return fields[check_string(key, 2)]
+-- req.passdb and req.userdb: `item` is their only raw field; fields come from Python.
+local function field_meta(userdb)
+  local request_field = host.request_field
+  return {
+    __index = function(view, key)
+      return request_field(rawget(view, "item"), userdb, check_string(key, 2))
     end,
-  })
-end
-
--- Called by authd for every entry point call.
-local function new_request(item, vars, passdb_fields, userdb_fields, flags)
-  local req = {
-    item = item,
-    passdb = field_view(item, passdb_fields),
-    userdb = field_view(item, userdb_fields),
-    skip_password_check = flags.skip_password_check == true,
-    passdbs_seen_user_unknown = flags.passdbs_seen_user_unknown == true,
-    passdbs_seen_internal_failure = flags.passdbs_seen_internal_failure == true,
-    userdbs_seen_internal_failure = flags.userdbs_seen_internal_failure == true,
   }
-  request_vars[req] = vars
-  return setmetatable(req, request_meta)
+end
+local passdb_meta, userdb_meta = field_meta(false), field_meta(true)
+
+-- The `req` of one entry point call; `item` is the Python LuaRequest.
+local function new_request(item, skip_password_check, seen_user_unknown, seen_internal_failure,
+                           userdb_seen_internal_failure)
+  return setmetatable({
+    item = item,
+    passdb = setmetatable({item = item}, passdb_meta),
+    userdb = setmetatable({item = item}, userdb_meta),
+    skip_password_check = skip_password_check,
+    passdbs_seen_user_unknown = seen_user_unknown,
+    passdbs_seen_internal_failure = seen_internal_failure,
+    userdbs_seen_internal_failure = userdb_seen_internal_failure,
+  }, request_meta)
 end
 
 ---------------------------------------------------------------------------
@@ -596,14 +610,15 @@ local function to_code(value)
   return true, math_tointeger(n) or 0
 end
 
--- auth_lua_export_table: returns a flat {key, value, ...} list, or nil and the
--- reason Dovecot 2.3.19 would crash on this table.
+-- auth_lua_export_table: the warnings, then the fields as key, value, ...; returns
+-- that list, its length and the number of warnings, or nil and the reason Dovecot
+-- 2.3.19 would crash on this table.
 local function export_table(t)
-  local out, warnings = {}, {}
+  local fields, warnings, n = {}, {}, 0
   for key, value in next, t do
     if type(key) ~= "string" then
       local shown = type(key) == "number" and (" (" .. tostring(key) .. ")") or ""
-      return nil, "result table has a " .. type(key) .. " key" .. shown, warnings
+      return nil, "result table has a " .. type(key) .. " key" .. shown
     end
     local vt = type(value)
     if vt == "number" then
@@ -615,19 +630,26 @@ local function export_table(t)
       warnings[#warnings + 1] = "'" .. key .. "' has invalid value type no value - ignoring"
       value = false  -- 2.3.19 sets "", 2.4 skips the field
     end
-    out[#out + 1] = key
-    out[#out + 1] = value
+    fields[n + 1] = key
+    fields[n + 2] = value
+    n = n + 2
   end
-  return out, nil, warnings
+  local nwarnings = #warnings
+  for i = 1, n do warnings[nwarnings + i] = fields[i] end
+  return warnings, nwarnings + n, nwarnings
 end
 
--- Describe the (code, data) pair an entry point returned.
+-- Describe the (code, data) pair an entry point returned, in plain values: is_number,
+-- code, code's type, data's type, data as a string, then for a table the reason
+-- Dovecot would crash on it, or nil, the number of warnings, the warnings and the
+-- fields (lua_api.runtime reassembles them; a flat return needs no table conversion).
 local function describe_result(code, data)
   local is_number, code_int = to_code(code)
   local dtype = type(data)
   if dtype == "table" then
-    local fields, crash, warnings = export_table(data)
-    return is_number, code_int, type(code), dtype, fields, crash, warnings
+    local list, n, nwarnings = export_table(data)
+    if list == nil then return is_number, code_int, type(code), dtype, nil, n end
+    return is_number, code_int, type(code), dtype, nil, nil, nwarnings, unpack(list, 1, n)
   end
   if dtype == "number" then  -- lua_isstring: a number is a string too
     return is_number, code_int, type(code), dtype, tostring(data)
@@ -655,8 +677,8 @@ end
 
 local xpcall_passes_args = select(2, xpcall(function(x) return x end, message_handler, true)) == true
 
+-- How finish_entry describes the results of modes other than "lookup".
 local describers = {
-  lookup = function(results) return describe_result(results[2], results[3]) end,
   list = function(results) return describe_list(results[2]) end,
   init = function(results)
     local value = results[2]
@@ -667,58 +689,76 @@ local describers = {
   none = function() end,
 }
 
--- Run `target` (a global's name, fetched at call time like Dovecot's dlua_pcall,
--- or a function) with a traceback handler, then describe what it returned in
--- plain values. Returns "done", ok, description... or "done", false, error.
+local function index_global(name)
+  return _G[name]
+end
+
+local function finish_entry(mode, ok, ...)
+  if not ok then
+    return "done", false, (...)
+  end
+  if mode == "lookup" then  -- the common case, without a results table
+    return "done", true, describe_result(...)
+  end
+  return "done", true, describers[mode]({ok, ...})
+end
+
+local function run_entry(fn, mode, ...)
+  if xpcall_passes_args then
+    return finish_entry(mode, xpcall(fn, message_handler, ...))
+  end
+  -- Lua 5.1's xpcall takes no arguments for the function
+  local n, args = pack(...)
+  return finish_entry(mode, xpcall(function() return fn(unpack(args, 1, n)) end, message_handler))
+end
+
+-- The body of every call's coroutine: run `target` (a global's name, fetched at call
+-- time like Dovecot's dlua_pcall, or a function) with a traceback handler, then
+-- describe what it returned in plain values. Returns "done", ok, description... or
+-- "done", false, error. Mode "request" builds the request table from its first five
+-- arguments (see new_request) and describes the result like "lookup".
 local function call_entry(target, mode, ...)
   local fn = target
   if type(target) == "string" then
     local found
-    found, fn = pcall(function() return _G[target] end)
+    found, fn = pcall(index_global, target)
     if not found or type(fn) ~= "function" then
-      return "done", false, "'" .. target .. "' is not a function", "missing"
+      return "done", false, "'" .. target .. "' is not a function", "missing", globals_restricted()
     end
   end
-  local _, results
-  if xpcall_passes_args then
-    _, results = pack(xpcall(fn, message_handler, ...))
-  else  -- Lua 5.1's xpcall takes no arguments for the function
-    local n, args = pack(...)
-    _, results = pack(xpcall(function() return fn(unpack(args, 1, n)) end, message_handler))
+  if mode == "request" then
+    return run_entry(fn, "lookup", new_request(...), select(6, ...))
   end
-  if not results[1] then
-    return "done", false, results[2]
-  end
-  return "done", true, describers[mode](results)
+  return run_entry(fn, mode, ...)
 end
 
 -- Calls in progress by handle: lupa cannot hand Lua threads to Python and back.
 local calls = {}
 local last_handle = 0
 
--- A coroutine for one call; authd resumes it after each I/O it yields for.
-local function start_call(target, mode, ...)
-  local args = {...}
-  local nargs = select("#", ...)
-  local co = coroutine.create(function()
-    return call_entry(target, mode, unpack(args, 1, nargs))
-  end)
+-- A coroutine for one call; its first resume passes the target, mode and arguments,
+-- and authd resumes it after each I/O it yields for.
+local function start_call()
+  local co = coroutine.create(call_entry)
   drivers[co] = true
   last_handle = last_handle + 1
   calls[last_handle] = co
   return last_handle
 end
 
-local function resume(handle, ...)
-  local co = calls[handle]
-  local n, result = pack(coroutine.resume(co, ...))
-  if not result[1] then
+local function resumed(handle, co, ok, ...)
+  if not ok then
     -- Only authd's own wrapper can fail here (e.g. out of memory).
     calls[handle] = nil
-    return "done", false, message_handler(result[2])
+    return "done", false, message_handler((...))
   end
   if coroutine.status(co) == "dead" then calls[handle] = nil end
-  return unpack(result, 2, n)
+  return ...
+end
+
+local function resume(handle, ...)
+  local co = calls[handle]
+  return resumed(handle, co, coroutine.resume(co, ...))
 end
 
 -- Forget a call that will not be resumed (its request was cancelled).
@@ -737,12 +777,7 @@ return {
   start_call = start_call,
   resume = resume,
   abandon = abandon,
-  describe_result = describe_result,
-  describe_list = describe_list,
   yield_io = yield_io,
-  check_string = check_string,
-  check_args = check_args,
-  methods = dovecot_methods,
   globals_restricted = globals_restricted,
   cache_key_hook = cache_key_hook,
   passthrough_leak = passthrough_leak,

@@ -5,17 +5,20 @@ variables (from the var-expand table), its methods and the passdb/userdb field
 views. `LuaRequest` is the Python side of that table's `item`: it carries the
 request's data and answers the methods that need Python (var_expand, logging and
 password checks go through the daemon's `context`).
+
+The table itself is cheap: the prelude asks `lua_var()` for a variable, and
+`field()` for a passdb/userdb field, only when the script reads one, so a call
+pays for what its script looks at, not for Dovecot's whole variable table.
 """
 
 from __future__ import annotations
 
 import grp
 import pwd
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Protocol
 
-from lua_api.request_vars import RequestVars, lua_fields_23, var_table_23, var_table_24
+from lua_api.request_vars import LUA_FIELDS_23, VARS_24, RequestVars, var_table_23, var_table_24
 from lua_api.var_expand import ExpandContext, VarExpandError, expand
 from lua_api.var_expand24 import ExpandContext24, expand24
 
@@ -25,6 +28,7 @@ _FATAL = " (a fatal error in Dovecot: the auth process exits)"
 #: str_sanitize_append()'s limit for the user name in log prefixes (MAX_LOG_USERNAME_LEN).
 _MAX_LOG_USERNAME = 64
 
+#: The request's boolean raw fields, in the order `flags` gives them.
 FLAG_NAMES = (
     "skip_password_check",
     "passdbs_seen_user_unknown",
@@ -32,22 +36,78 @@ FLAG_NAMES = (
     "userdbs_seen_internal_failure",
 )
 
+_NO_FLAGS = (False, False, False, False)
 
-@dataclass(eq=False)
+
+class Fields(Protocol):
+    """A passdb/userdb field source: the value (b"" for a bare key), or None when unset."""
+
+    def get(self, key: bytes, /) -> bytes | None: ...
+
+
+_NO_FIELDS: dict[bytes, bytes] = {}
+
+
 class LuaRequest:
-    """One auth request as a Lua entry point sees it."""
+    """One auth request as a Lua entry point sees it.
 
-    vars: RequestVars
-    context: object = None
-    passdb_fields: Mapping[bytes, bytes] = field(default_factory=dict)
-    userdb_fields: Mapping[bytes, bytes] = field(default_factory=dict)
-    flags: Mapping[str, bool] = field(default_factory=dict)
-    userdb_lookup: bool = False
-    expand_context: ExpandContext = field(default_factory=ExpandContext)
-    #: The passdb/userdb name in log prefixes: its `name` setting, else the driver's.
-    db_name: str = "lua"
-    #: The dialect of the state the request table was built in (set by to_lua()).
-    dialect: str = "2.3"
+    `vars` may be given as a function that builds them: they are then built the first
+    time something needs them (a script reading `req.user`, a log prefix, var_expand).
+    """
+
+    __slots__ = (
+        "_vars",
+        "context",
+        "db_name",
+        "dialect",
+        "expand_context",
+        "flags",
+        "passdb_fields",
+        "userdb_fields",
+        "userdb_lookup",
+    )
+
+    def __init__(
+        self,
+        vars: RequestVars | Callable[[], RequestVars],
+        context: object = None,
+        passdb_fields: Fields = _NO_FIELDS,
+        userdb_fields: Fields = _NO_FIELDS,
+        flags: tuple[bool, bool, bool, bool] = _NO_FLAGS,
+        *,
+        userdb_lookup: bool = False,
+        expand_context: ExpandContext | None = None,
+        db_name: str = "lua",
+    ) -> None:
+        self._vars = vars
+        self.context = context
+        self.passdb_fields = passdb_fields
+        self.userdb_fields = userdb_fields
+        #: The raw boolean fields of FLAG_NAMES, in that order.
+        self.flags = flags
+        self.userdb_lookup = userdb_lookup
+        #: hostname, pid, environment for var_expand; None: this process's (built when needed).
+        self.expand_context = expand_context
+        #: The passdb/userdb name in log prefixes: its `name` setting, else the driver's.
+        self.db_name = db_name
+        #: The dialect of the state the request table lives in (set when a call starts).
+        self.dialect = "2.3"
+
+    @property
+    def vars(self) -> RequestVars:
+        variables = self._vars
+        if not isinstance(variables, RequestVars):
+            variables = self._vars = variables()
+        return variables
+
+    def lua_var(self, name: bytes) -> bytes | None:
+        """`req.<name>` for a variable name of the request's dialect (see prelude.lua)."""
+        getters = VARS_24 if self.dialect == "2.4" else LUA_FIELDS_23
+        return getters[name](self.vars)
+
+    def field(self, userdb: bool, name: bytes) -> bytes | None:
+        """`req.passdb.<name>` or `req.userdb.<name>`."""
+        return (self.userdb_fields if userdb else self.passdb_fields).get(name)
 
     def var_expand(self, template: bytes) -> bytes:
         if self.dialect == "2.4":
@@ -55,7 +115,7 @@ class LuaRequest:
         return expand(template, var_table_23(self.vars), self._context())
 
     def _var_expand_24(self, template: bytes) -> bytes:
-        ctx = self.expand_context
+        ctx = self.expand_context or ExpandContext()
         context = ExpandContext24(
             env=ctx.env,
             passdb_field=lambda name: self.passdb_fields.get(name),
@@ -81,7 +141,7 @@ class LuaRequest:
         return bytes(out) + b"): "
 
     def _context(self) -> ExpandContext:
-        ctx = self.expand_context
+        ctx = self.expand_context or ExpandContext()
         return ExpandContext(
             env=ctx.env,
             passdb_field=lambda name: self.passdb_fields.get(name),
@@ -119,21 +179,6 @@ class LuaRequest:
             except VarExpandError as exc:
                 raise VarExpandError(b"var_expand(" + value + b") failed: " + exc.message) from None
         return result
-
-    def to_lua(self, state: Any) -> Any:
-        """Build the request table in `state` (call inside a slice)."""
-        lua = state.lua
-        self.dialect = state.options.dialect
-        table = var_table_24(self.vars) if self.dialect == "2.4" else lua_fields_23(self.vars)
-        variables = {k: v for k, v in table.items() if v is not None}
-        flags = {name.encode(): bool(self.flags.get(name)) for name in FLAG_NAMES}
-        return state.api[b"new_request"](
-            self,
-            lua.table_from(variables),
-            lua.table_from(dict(self.passdb_fields)),
-            lua.table_from(dict(self.userdb_fields)),
-            lua.table_from(flags),
-        )
 
 
 def _numeric_id(kind: bytes, value: bytes) -> bytes:

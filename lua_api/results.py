@@ -54,6 +54,8 @@ class LookupResult:
     password_in_table: bool = False
     error: str | None = None
     warnings: tuple[str, ...] = ()
+    #: For a failed call: timeout, memory, broken or error (CallOutcome.failure_kind).
+    failure_kind: str | None = None
 
     @property
     def internal_failure(self) -> bool:

@@ -23,18 +23,20 @@ import importlib
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import trio
 
 from lua_api import library
+from lua_api.request import LuaRequest
+from lua_api.request_vars import LUA_FIELDS_23, VARS_24
+from lua_api.threads import GAVE_UP, STILL_RUNNING, ThreadRunner
 from lua_api.var_expand import VarExpandError
 
 LUA_MODULES = {
@@ -54,6 +56,8 @@ DEBIAN_PACKAGE_CPATH = (
     "/usr/local/lib/lua/{v}/?.so;/usr/lib/x86_64-linux-gnu/lua/{v}/?.so;"
     "/usr/lib/lua/{v}/?.so;/usr/local/lib/lua/{v}/loadall.so;./?.so"
 )
+
+T = TypeVar("T")
 
 _loaded: dict[str, ModuleType] = {}
 
@@ -184,6 +188,9 @@ class LuaState:
                 b"var_expand": self._var_expand,
                 b"response_from_template": self._response_from_template,
                 b"io_blocking": self._io_blocking,
+                b"request_var": LuaRequest.lua_var,
+                b"request_field": LuaRequest.field,
+                b"request_var_names": self.lua.table_from(list(VARS_24 if options.dialect == "2.4" else LUA_FIELDS_23)),
                 **library.host_functions(self),
             }
         )
@@ -201,6 +208,22 @@ class LuaState:
         self._restrict_environment()
         for ext in options.extensions:
             ext.install(self)
+        api = self.api
+        self._call = api[b"call"]
+        self._resume = api[b"resume"]
+        self._abandon = api[b"abandon"]
+        self._has_function = api[b"has_function"]
+        self._lua_type = self.module.lua_type
+        #: With several calls interleaved on this state in worker threads: held around
+        #: every slice, so that the calls' slices take turns (set by lua_api.pool).
+        self.slice_lock: trio.Lock | None = None
+        #: Handles of calls dropped while another call's slice may be running in the
+        #: state; forgotten at the start of the next slice.
+        self._dropped: list[Any] = []
+        #: Calls on this state waiting for their I/O right now, and who wants to know
+        #: when one starts to (lua_api.pool grows for them).
+        self.io_waits = 0
+        self.on_io_wait: Callable[[], None] | None = None
 
     # --- environment -------------------------------------------------------------
 
@@ -266,11 +289,12 @@ class LuaState:
 
     def to_python(self, value: Any) -> Any:
         """Copy Lua data into plain Python (tables become dicts, strings bytes)."""
-        if self.module.lua_type(value) == "table":
+        kind = self._lua_type(value)
+        if kind is None:
+            return value
+        if kind == "table":
             return {self.to_python(k): self.to_python(v) for k, v in value.items()}
-        if self.module.lua_type(value) is not None:
-            return None  # functions, userdata, threads: not data
-        return value
+        return None  # functions, userdata, threads: not data
 
     def to_lua(self, value: Any) -> Any:
         """Copy plain Python data into Lua (dicts and lists become tables)."""
@@ -283,44 +307,83 @@ class LuaState:
         return value
 
     # --- calls ---------------------------------------------------------------------
+    # These run Lua: call them only where the state is ours (inside a slice).
 
-    def start(
-        self, target: Any, mode: bytes, args: tuple[Any, ...], *, deadline: float | None = None
-    ) -> tuple[Any, str]:
-        """Create the coroutine for one call of a global (bytes name) or a function.
+    def begin(self, deadline: float | None, target: Any, mode: bytes, args: tuple[Any, ...]) -> tuple[Any, Slice]:
+        """Start one call of a global (bytes name) or a function, and run its first slice.
 
-        `mode` says how to describe the results: b"lookup" (code, data), b"list",
-        b"init" or b"none" (see the prelude's describers). After `deadline` (a
-        time.monotonic() value) guard.lua's hook ends the call. Returns the call's
-        handle and the entry's name for log lines.
+        `mode` says how to describe the results: b"lookup" (code, data), b"request"
+        (the same, with the request table built from the first five arguments: a
+        LuaRequest and its flags), b"list", b"init" or b"none" (see the prelude). After
+        `deadline` (a time.monotonic() value) guard.lua's hook ends the call. Returns the
+        call's handle and what the slice gave (see `step`).
         """
-        handle, name = self.api[b"start_call"](deadline, target, mode, *args)
-        return handle, name.decode("utf-8", "replace")
+        if self._dropped:
+            self._forget_dropped()
+        out = self._call(deadline, target, mode, *args)
+        return out[0], self._slice_result(out[1:])
 
-    def step(self, coroutine: Any, *values: Any) -> tuple[Any, ...]:
-        """Resume a call until it yields for I/O or finishes. Runs Lua: any thread."""
-        out = self.api[b"resume"](coroutine, *(self.to_lua(v) for v in values))
-        if not isinstance(out, tuple):
-            out = (out,)
-        if out[:1] == (b"io",):
+    def step(self, handle: Any, value: Any) -> Slice:
+        """Resume a call with the result of its I/O, until it yields again or finishes.
+
+        Returns (b"io", kind, payload as Python data) or (b"done", leak, ok, values...),
+        where leak is where the call left a passthrough event unlogged ("file:line").
+        """
+        if self._dropped:
+            self._forget_dropped()
+        return self._slice_result(self._resume(handle, self.to_lua(value)))
+
+    def _slice_result(self, out: Any) -> Slice:
+        if out[0] == b"io":
             return (b"io", out[1], self.to_python(out[2]) if len(out) > 2 else None)
-        if out[:1] != (b"done",):
+        if out[0] != b"done":
             # The script yielded by itself in authd's coroutine: in Dovecot this is
             # a yield from the main thread, which Lua rejects.
-            return (b"done", False, b"attempt to yield from outside a coroutine")
-        return tuple(self._as_list(v) for v in out)
+            return (b"done", None, False, b"attempt to yield from outside a coroutine")
+        return out  # type: ignore[no-any-return]
 
-    def _as_list(self, value: Any) -> Any:
-        if self.module.lua_type(value) != "table":
+    def as_list(self, value: Any) -> Any:
+        """A Lua sequence (nested ones too) as a Python list; anything else as it is."""
+        if self._lua_type(value) != "table":
             return value
-        return [self._as_list(value[i]) for i in range(1, len(value) + 1)]
+        return [self.as_list(value[i]) for i in range(1, len(value) + 1)]
 
-    def abandon(self, handle: Any) -> None:
-        """Drop a suspended call that will not be resumed."""
-        self.api[b"abandon"](handle)
+    def entry_name(self, target: Any, args: tuple[Any, ...]) -> str:
+        name: bytes = self.api[b"entry_name"](target, *args)
+        return name.decode("utf-8", "replace")
+
+    def abandon(self, handle: Any) -> bytes | None:
+        """Drop a suspended call that will not be resumed; returns its unlogged passthrough event."""
+        if self.slice_lock is not None:
+            self._dropped.append(handle)  # another call's slice may be running right now
+            return None
+        leak: bytes | None = self._abandon(handle)
+        return leak
+
+    def _forget_dropped(self) -> None:
+        dropped = self._dropped
+        while dropped:  # pop, not swap: the event loop may append meanwhile
+            self._abandon(dropped.pop())
 
     def has_function(self, name: bytes) -> bool:
-        return bool(self.api[b"has_function"](name))
+        return bool(self._has_function(name))
+
+    async def between_slices(self, fn: Callable[[], T]) -> T:
+        """Run a short Lua call from the event loop, where no slice of another call runs."""
+        if self.slice_lock is None:
+            return fn()
+        async with self.slice_lock:
+            return fn()
+
+    def give_up(self) -> None:
+        """A thread is stuck in this state: never touch it again (see _slice)."""
+        self.broken = "stuck"
+        self.api = _AbandonedApi()
+        self._call = self._resume = self._abandon = self._has_function = _nothing
+
+
+#: What one slice gave: (b"io", kind, payload) or (b"done", leak, ok, values...).
+Slice = tuple[Any, ...]
 
 
 class _AbandonedApi:
@@ -338,7 +401,8 @@ def _nothing(*args: Any) -> None:
     return None
 
 
-#: Runs a slice of Lua work somewhere (the event loop thread or a worker thread).
+#: Runs a slice of Lua work somewhere: run_in_loop (the event loop thread), or a
+#: lua_api.threads.ThreadRunner (worker threads).
 Executor = Callable[[Callable[[], Any]], Awaitable[Any]]
 
 
@@ -347,56 +411,44 @@ async def run_in_loop(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-class _Claim:
-    """Whether a slice's thread is inside the state, decided once authd stops waiting for it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inside = False
-        self._given_up = False
-
-    def enter(self) -> bool:
-        with self._lock:
-            self._inside = not self._given_up
-            return self._inside
-
-    def leave(self) -> None:
-        with self._lock:
-            self._inside = False
-
-    def give_up(self) -> bool:
-        """Stop waiting; True if the thread is running Lua in the state right now."""
-        with self._lock:
-            self._given_up = True
-            return self._inside
+def _guarded(state: LuaState, fn: Callable[[], Any]) -> Any:
+    """Run a slice; a LuaError here is the machinery's (out of memory in lupa's pushes)."""
+    try:
+        return fn()
+    except state.module.LuaError as exc:
+        state.lua.set_max_memory(0)
+        return (b"done", None, False, _error_text(exc), b"broken")
 
 
 async def _slice(state: LuaState, run: Executor, fn: Callable[[], Any], deadline: float) -> Any:
-    """Run one slice; None if authd stopped waiting for it at `deadline` + STUCK_GRACE.
+    """Run one slice in a worker thread; None if authd stopped waiting for it at `deadline` + STUCK_GRACE.
 
     The slice is shielded from outside cancellation: a thread running Lua cannot be
     interrupted, only given up on, and that costs the state. When the grace runs out
     while the thread is inside the state, the state is marked "stuck": it is never
     touched again, and the thread finishes whenever its C call returns.
     """
-    claim = _Claim()
-
-    def guarded() -> Any:
-        if not claim.enter():
-            return None  # authd stopped waiting before the thread started
-        try:
-            return fn()
-        except state.module.LuaError as exc:  # the machinery failed, e.g. out of memory
-            state.lua.set_max_memory(0)
-            return (b"done", False, _error_text(exc), b"broken")
-        finally:
-            claim.leave()
-
-    with trio.CancelScope(deadline=deadline + STUCK_GRACE, shield=True):
-        return await run(guarded)
-    if claim.give_up():
-        state.broken = "stuck"
-        state.api = _AbandonedApi()
+    assert isinstance(run, ThreadRunner)
+    lock = state.slice_lock
+    if lock is not None:
+        acquired = False
+        with trio.move_on_at(deadline + STUCK_GRACE):
+            await lock.acquire()
+            acquired = True
+        if not acquired:
+            return None
+        if state.broken is not None:  # the call before ours got stuck in it
+            lock.release()
+            return None
+    try:
+        result = await run.run(functools.partial(_guarded, state, fn), deadline + STUCK_GRACE)
+    finally:
+        if lock is not None:
+            lock.release()
+    if result is STILL_RUNNING:
+        state.give_up()
+    elif result is not GAVE_UP:
+        return result
     return None
 
 
@@ -415,59 +467,105 @@ async def drive(
     """Run one call to completion, doing its I/O in the event loop between slices.
 
     `args` builds the call's arguments inside the first slice, where the state is
-    safe to touch (the Lua request table is created there). The whole call, I/O
-    included, must end within [lua] call_timeout; running out of time or memory
-    fails it (and may cost the state, see LuaState.broken).
+    safe to touch. The whole call, I/O included, must end within [lua] call_timeout;
+    running out of time or memory fails it (and may cost the state, see
+    LuaState.broken). A call without I/O is one slice: in the event loop (run_in_loop)
+    it runs right here without a checkpoint, elsewhere it is one hand-off to `run`.
     """
     if state.broken is not None:
         return CallOutcome(False, (b"authd: this Lua state is out of service", b"broken"))
     timeout = state.options.call_timeout
-    deadline = trio.current_time() + timeout if timeout > 0 else math.inf
     lua_deadline = time.monotonic() + timeout if timeout > 0 else None
+    names: list[str] = []
+
+    def first() -> tuple[Any, Slice]:
+        argv = args()
+        if not isinstance(target, bytes):
+            names.append(state.entry_name(target, argv))
+        return state.begin(lua_deadline, target, mode, argv)
+
+    deadline = trio.current_time() + timeout if timeout > 0 else math.inf
+    inline = run is run_in_loop
+    if inline:
+        started = _guarded(state, first)
+    else:
+        started = await _slice(state, run, first, deadline)
     handle: Any = None
-    entry = target.decode("utf-8", "replace") if isinstance(target, bytes) else "main chunk"
-
-    def first() -> tuple[Any, ...]:
-        nonlocal handle, entry
-        handle, entry = state.start(target, mode, args(), deadline=lua_deadline)
-        return state.step(handle)
-
-    try:
-        out = await _slice(state, run, first, deadline)
-        with trio.move_on_at(deadline):
-            while out is not None and out[0] == b"io":
-                kind, payload = out[1], out[2]
-                ext = state.extensions.get(kind)
-                if ext is None:
-                    state.abandon(handle)
-                    return CallOutcome(False, (f"no I/O extension for {kind!r}".encode(),))
-                result = await ext.perform(payload)
-                out = await _slice(state, run, functools.partial(state.step, handle, result), deadline)
-    except BaseException:
-        if handle is not None:
-            state.abandon(handle)
-        raise
+    out: Slice | None = None
+    if started is not None and started[0] == b"done":  # the machinery failed
+        out = started
+    elif started is not None:
+        handle, out = started
+        if out[0] == b"io":
+            out = await _io(state, run, handle, out, deadline, inline)
+    entry = target.decode("utf-8", "replace") if isinstance(target, bytes) else (names or ["main chunk"])[0]
     if out is None or out[0] == b"io":
-        if handle is not None:
-            state.abandon(handle)
+        leak = state.abandon(handle) if handle is not None else None
         if out is not None:
             waiting = f"{out[1].decode('utf-8', 'replace')} I/O"
         else:
             waiting = "a blocking call" if state.broken == "stuck" else "a worker thread"
-        return _timed_out(state, entry, waiting, b"")
-    values = tuple(out[2:])
-    if out[1]:
-        return CallOutcome(True, values)
+        return _timed_out(state, entry, waiting, b"", leak)
+    leak, ok, values = out[1], out[2], out[3:]
+    if ok:
+        if mode == b"request" or mode == b"lookup":
+            return CallOutcome(True, _lookup_values(values), leak)
+        return CallOutcome(True, tuple(state.as_list(v) for v in values), leak)
     marker = values[1] if len(values) > 1 else None
     if marker == b"timeout":
-        return _timed_out(state, entry, "Lua code", values[0] or b"")
+        return _timed_out(state, entry, "Lua code", values[0] or b"", leak)
     text = values[0] if isinstance(values[0], bytes) else b""
     if b"not enough memory" in text or marker == b"broken":
-        return _out_of_service(state, entry, text)
-    return CallOutcome(False, values)
+        return _out_of_service(state, entry, text, leak)
+    return CallOutcome(False, values, leak)
 
 
-def _timed_out(state: LuaState, entry: str, waiting: str, where: bytes) -> CallOutcome:
+async def _io(state: LuaState, run: Executor, handle: Any, out: Slice, deadline: float, inline: bool) -> Slice | None:
+    """Do the I/O a call yields for and resume it with the results, until it finishes.
+
+    Returns the last slice's result, still an I/O request if the deadline passed
+    while waiting for it, or None if authd stopped waiting for a slice's thread.
+    """
+    current: Slice | None = out
+    try:
+        with trio.move_on_at(deadline):
+            while current is not None and current[0] == b"io":
+                kind, payload = current[1], current[2]
+                ext = state.extensions.get(kind)
+                if ext is None:
+                    state.abandon(handle)
+                    return (b"done", None, False, f"no I/O extension for {kind!r}".encode())
+                state.io_waits += 1
+                if state.on_io_wait is not None:
+                    state.on_io_wait()
+                try:
+                    result = await ext.perform(payload)
+                finally:
+                    state.io_waits -= 1
+                resume = functools.partial(state.step, handle, result)
+                if inline:
+                    current = _guarded(state, resume)
+                else:
+                    current = await _slice(state, run, resume, deadline)
+    except BaseException:
+        state.abandon(handle)
+        raise
+    return current
+
+
+def _lookup_values(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The prelude's flat describe_result() as (is_number, code, code_type, data_type, data, crash, warnings).
+
+    For a table without a crash reason `data` is the field list [key, value, ...] and
+    `warnings` the list of warnings.
+    """
+    if len(values) > 6 and values[3] == b"table" and values[5] is None:
+        count = values[6]
+        return (*values[:4], list(values[7 + count :]), None, list(values[7 : 7 + count]))
+    return (*values, *(None,) * (7 - len(values)))[:7]
+
+
+def _timed_out(state: LuaState, entry: str, waiting: str, where: bytes, leak: bytes | None) -> CallOutcome:
     """The call ran out of [lua] call_timeout; `where` is the script's traceback if it was running."""
     timeout = state.options.call_timeout
     stuck = state.broken == "stuck"
@@ -485,10 +583,10 @@ def _timed_out(state: LuaState, entry: str, waiting: str, where: bytes) -> CallO
         message += b"; the Lua state is abandoned and replaced"
     if where:
         message += b"\n" + where
-    return CallOutcome(False, (message, b"timeout"))
+    return CallOutcome(False, (message, b"timeout"), leak)
 
 
-def _out_of_service(state: LuaState, entry: str, text: bytes) -> CallOutcome:
+def _out_of_service(state: LuaState, entry: str, text: bytes, leak: bytes | None) -> CallOutcome:
     """Out of memory (or the machinery failed): the state may hold half-built data, so it is rebuilt."""
     limit = state.options.max_memory
     if b"not enough memory" in text:
@@ -506,7 +604,7 @@ def _out_of_service(state: LuaState, entry: str, text: bytes) -> CallOutcome:
         state.broken = "broken"
         log.error("lua.state_broken", script=state.name, entry=entry, message=_text(text), state="rebuilt")
         text += b" (the Lua state is rebuilt)"
-    return CallOutcome(False, (text, b"broken"))
+    return CallOutcome(False, (text, b"broken"), leak)
 
 
 def _text(data: bytes) -> str:
@@ -519,11 +617,23 @@ class CallOutcome:
 
     ok: bool
     values: tuple[Any, ...]
+    #: Where an entry point left a passthrough event unlogged ("file:line"), if it did.
+    leak: bytes | None = None
 
     @property
     def error(self) -> str:
         value = self.values[0] if self.values else b""
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    @property
+    def failure_kind(self) -> str:
+        """Why the call failed, for metrics: timeout, memory, broken (the state), or error."""
+        marker = self.values[1:2]
+        if marker == (b"timeout",):
+            return "timeout"
+        if marker == (b"broken",):
+            return "memory" if "not enough memory" in self.error else "broken"
+        return "error"
 
     @property
     def missing_function(self) -> bool:

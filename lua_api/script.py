@@ -58,7 +58,7 @@ def read_script(path: Path) -> bytes:
 
 
 class Script:
-    """A script in one state. Calls on it must not overlap (see lua_api.pool)."""
+    """A script in one state. Calls on it take turns unless the pool interleaves them (see lua_api.pool)."""
 
     def __init__(self, path: Path, state: LuaState) -> None:
         self.path = path
@@ -67,6 +67,9 @@ class Script:
         self.has_password_verify = False
         #: 2.4: the cache key template auth_*_get_cache_key() returned; None: no caching.
         self.cache_key_template: bytes | None = None
+        #: lua_api.pool's bookkeeping: calls running on the state, and since when it has had none.
+        self.calls = 0
+        self.idle_since = 0.0
 
     async def load(self, run: Executor, source: bytes | None = None) -> None:
         """Compile, run the main chunk and script_init(). Raises ScriptLoadError."""
@@ -111,6 +114,7 @@ class Script:
         if self.dialect != "2.4" or not self.state.has_function(name.encode()):
             return
         outcome = await drive(self.state, self.state.api[b"cache_key_hook"], b"lookup", run, lambda: (name.encode(),))
+        self._report_leak(outcome.leak)
         if not outcome.ok:
             raise ScriptLoadError(f"lua_pcall({name}, 0, 1) failed: {outcome.error}", "cache_key")
         value_type, value = [*outcome.values, None, None, None, None, None][3:5]
@@ -131,21 +135,22 @@ class Script:
     async def _lookup(
         self, kind: EntryKind, request: LuaRequest, run: Executor, extra: tuple[Any, ...]
     ) -> LookupResult:
+        request.dialect = self.dialect
         outcome = await drive(
-            self.state, kind.value.encode(), b"lookup", run, lambda: (request.to_lua(self.state), *extra)
+            self.state, kind.value.encode(), b"request", run, lambda: (request, *request.flags, *extra)
         )
-        leak = self._passthrough_leak(always_log=False)
+        leak = self._report_leak(outcome.leak, always=False)
         failure = UserdbResult.INTERNAL_FAILURE if kind is EntryKind.USERDB_LOOKUP else PassdbResult.INTERNAL_FAILURE
         if not outcome.ok:
             error = outcome.error
             if not outcome.missing_function:
                 error = f"lua_pcall({kind.value}, {1 + len(extra)}, 2) failed: {error}"
-            elif self.state.api[b"globals_restricted"]():
+            elif outcome.values[2:3] == (True,):
                 error += (
                     " (with restrict_global_variables(true) Dovecot's lookup of the missing global"
                     " raises outside any pcall: the process would abort)"
                 )
-            return LookupResult(failure, error=error)
+            return LookupResult(failure, error=error, failure_kind=outcome.failure_kind)
         if leak is not None and self.dialect == "2.3":
             return LookupResult(
                 failure,
@@ -156,25 +161,28 @@ class Script:
             return lookup_result_24(kind, outcome.values)
         return lookup_result_23(kind, outcome.values)
 
-    def _passthrough_leak(self, *, always_log: bool = True) -> str | None:
-        """Where the call left a passthrough event without logging it, if it did.
+    def _passthrough_leak(self) -> None:
+        """After loading: log a passthrough event the main chunk or script_init left unlogged."""
+        self._report_leak(self.state.api[b"passthrough_leak"]())
+
+    def _report_leak(self, leak: bytes | None, *, always: bool = True) -> str | None:
+        """Where a call left a passthrough event without logging it, if it did.
 
         2.4.3+ aborts such an event after the call and logs an error; 2.3 keeps it
         pending and crashes at the next one (lookups then fail the request instead).
         """
-        leak = self.state.api[b"passthrough_leak"]()
         if leak is None:
             return None
         where: str = leak.decode("utf-8", "replace")
-        if always_log or self.dialect == "2.4":
+        if always or self.dialect == "2.4":
             self.state.host.log(3, f"Passthrough event leaked by Lua script at {where}", None)
         return where
 
     async def userdb_iterate(self, run: Executor) -> IterateResult:
-        if not self.state.has_function(b"auth_userdb_iterate"):
+        if not await self.state.between_slices(lambda: self.state.has_function(b"auth_userdb_iterate")):
             return IterateResult((), failed=True)  # Dovecot fails the listing silently
         outcome = await drive(self.state, b"auth_userdb_iterate", b"list", run)
-        self._passthrough_leak()
+        self._report_leak(outcome.leak)
         if not outcome.ok:
             error = f"lua_pcall(auth_userdb_iterate, 0, 1) failed: {outcome.error}"
             return IterateResult((), f"db-lua: auth_userdb_iterate failed: {error}", failed=True)
@@ -182,7 +190,7 @@ class Script:
 
     async def deinit(self, run: Executor) -> str | None:
         """Call script_deinit() if defined; returns the error text to log, if any."""
-        if not self.state.has_function(b"script_deinit"):
+        if not await self.state.between_slices(lambda: self.state.has_function(b"script_deinit")):
             return None
         outcome = await drive(self.state, b"script_deinit", b"none", run)
         if not outcome.ok:

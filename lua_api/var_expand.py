@@ -582,18 +582,14 @@ class _Expansion:
             if key == b"rounds":
                 parsed = _parse_uint(arg_value, 0xFFFFFFFF)
                 if parsed is None:
-                    return self._fail(
-                        b"Cannot parse hash arguments:'%s' is not number for rounds" % arg_value
-                    )
+                    return self._fail(b"Cannot parse hash arguments:'%s' is not number for rounds" % arg_value)
                 if parsed < 1:
                     return self._fail(b"Cannot parse hash arguments:rounds must be at least 1")
                 rounds = parsed
             elif key == b"truncate":
                 parsed = _parse_uint(arg_value, 0xFFFFFFFF)
                 if parsed is None:
-                    return self._fail(
-                        b"Cannot parse hash arguments:'%s' is not number for truncbits" % arg_value
-                    )
+                    return self._fail(b"Cannot parse hash arguments:'%s' is not number for truncbits" % arg_value)
                 truncate_bits = min(parsed, digest_size * 8)
             elif key == b"salt":
                 salt, salt_ret = self.expand(arg_value)

@@ -190,6 +190,9 @@ blocking = true
 
 [lua]
 workers = {workers}
+# Fixed pools: the concurrent differential cases would grow them, and test_userli
+# counts one script_init health check per state.
+max_states = {workers}
 import_environment = [{imported}]
 {LISTENERS}"""
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 
+from authd.databases import build_passdbs, build_userdbs, lua_pools
+from authd.lua_db import LuaPassdb, LuaUserdb
 from config import ConfigError, load_config, parse_config
+from lua_api.runtime import StateOptions
 
 MINIMAL = {"listener": [{"type": "client", "path": "/run/authd/auth-client"}]}
 
@@ -20,6 +24,45 @@ def test_defaults_follow_dovecot() -> None:
     assert config.listeners[0].mode == 0o666
     assert config.reload.watch_scripts is True and config.reload.watch_interval == 0.5
     assert config.metrics.address is None and config.cache.size == 0
+
+
+def test_lua_pool_settings() -> None:
+    defaults = parse_config(MINIMAL)
+    assert (defaults.lua.max_states, defaults.lua.state_idle_timeout) == (256, 60.0)
+    # More workers than the default max_states: the pools may still start them all.
+    assert parse_config({"lua": {"workers": 300}, **MINIMAL}).lua.max_states == 300
+    config = parse_config(
+        {
+            "lua": {"workers": 4, "max_states": 4, "state_idle_timeout": 2.5},
+            "passdb": [{"driver": "lua", "file": "p.lua", "calls_per_state": 16}],
+            "userdb": [{"driver": "lua", "file": "u.lua"}],
+            **MINIMAL,
+        }
+    )
+    assert (config.lua.max_states, config.lua.state_idle_timeout) == (4, 2.5)
+    assert (config.passdbs[0].calls_per_state, config.userdbs[0].calls_per_state) == (16, 1)
+
+
+def test_lua_pool_settings_reach_the_pools(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "lua": {"workers": 3, "max_states": 7, "state_idle_timeout": 9},
+            "passdb": [{"driver": "lua", "file": "p.lua", "calls_per_state": 5}],
+            "userdb": [{"driver": "lua", "file": "u.lua", "blocking": False}],
+            **MINIMAL,
+        },
+        tmp_path / "authd.toml",
+    )
+    limiter = trio.CapacityLimiter(3)
+    passdbs = build_passdbs(config, StateOptions, limiter)
+    userdbs = build_userdbs(config, StateOptions, limiter, passdbs)
+    passdb, userdb = passdbs.entries[0].driver, userdbs.entries[0].driver
+    assert isinstance(passdb, LuaPassdb) and isinstance(userdb, LuaUserdb)
+    shape = [(p.size, p.max_size, p.idle_timeout, p.calls_per_state) for p in (passdb.pool, userdb.pool)]
+    assert shape == [(3, 7, 9.0, 5), (1, 7, 9.0, 1)]
+    # What the authd_lua_* metrics read.
+    pools = [(str(tmp_path / "p.lua"), passdb.pool), (str(tmp_path / "u.lua"), userdb.pool)]
+    assert lua_pools(passdbs, userdbs) == pools
 
 
 def test_the_documented_example(tmp_path: Path) -> None:
@@ -67,6 +110,10 @@ workers = 30
         ),
         ({"auth": {"failure_dalay": 1}, **MINIMAL}, "auth.failure_dalay: unknown setting"),
         (
+            {"auth": {"proxy_self": ["192.0.2.1", "mail.example.org"]}, **MINIMAL},
+            "auth.proxy_self: not an IP address: 'mail.example.org' (names are not resolved)",
+        ),
+        (
             {"listener": [{"path": "/x"}]},
             "listener[0].type: missing; expected one of client, login, master, userdb",
         ),
@@ -85,6 +132,24 @@ workers = 30
             "passdb[0].blocking: expected true or false, got a string",
         ),
         ({"lua": {"workers": 0}, **MINIMAL}, "lua.workers: expected an integer >= 1, got 0"),
+        (
+            {"lua": {"workers": 40, "max_states": 39}, **MINIMAL},
+            "lua.max_states: expected at least workers (40), got 39",
+        ),
+        ({"lua": {"max_states": 0}, **MINIMAL}, "lua.max_states: expected an integer >= 1, got 0"),
+        ({"lua": {"max_states": "many"}, **MINIMAL}, "lua.max_states: expected an integer, got a string ('many')"),
+        (
+            {"lua": {"state_idle_timeout": 0}, **MINIMAL},
+            "lua.state_idle_timeout: expected a number >= 0.1, got 0",
+        ),
+        (
+            {"passdb": [{"driver": "lua", "file": "x", "calls_per_state": 0}], **MINIMAL},
+            "passdb[0].calls_per_state: expected an integer >= 1, got 0",
+        ),
+        (
+            {"userdb": [{"driver": "static", "args": "uid=1", "calls_per_state": 4}], **MINIMAL},
+            "userdb[0].calls_per_state: only lua userdbs run in Lua states (this one is static)",
+        ),
         (
             {"lua": {"version": "5.2"}, **MINIMAL},
             "lua.version: expected one of '5.4', '5.3', '5.1', 'luajit', got '5.2'",

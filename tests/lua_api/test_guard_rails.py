@@ -316,6 +316,7 @@ async def test_pool_rebuilds_a_state_that_ran_out_of_memory(script_path: Path) -
     with structlog.testing.capture_logs() as logs:
         result = await pool.call(lambda script: lookup(script, "grow_table"))
         assert result.code == PassdbResult.INTERNAL_FAILURE
+        assert (pool.states, pool.has_password_verify) == (0, False)  # decided at start
         # The only state is being replaced: the next call waits for the fresh one.
         assert (await pool.call(lambda script: lookup(script, "alice"))).code == PassdbResult.OK
     assert [e["reason"] for e in logs if e["event"] == "lua.state_rebuilt"] == ["memory"]
@@ -389,7 +390,7 @@ async def test_machinery_failures_take_the_state_out(script_path: Path, monkeypa
         def fail(*args: Any, exc: type[BaseException] = state.module.LuaError, text: str = error) -> Any:
             raise exc(text)
 
-        monkeypatch.setattr(state, "step", fail)
+        monkeypatch.setattr(state, "begin", fail)
         with structlog.testing.capture_logs() as logs:
             result = await lookup(script, "alice")
         assert result.code == PassdbResult.INTERNAL_FAILURE and error in result.error

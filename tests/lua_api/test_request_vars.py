@@ -295,3 +295,35 @@ def test_2_4_only_names_are_not_fields() -> None:
     fields = lua_fields_23(DUMP_REQUEST)
     for name in (b"protocol", b"client_pid", b"session_id", b"ssl_ja3_hash", b"owner_user", b"id"):
         assert name not in fields
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        RequestVars(),
+        DUMP_REQUEST,
+        dataclasses.replace(
+            DUMP_REQUEST,
+            user=b"a@b@c",
+            original_user=b"orig@x",
+            master_user=b"boss@y",
+            login_user=b"target@z",
+            session_pid=77,
+            client_pid=12,
+            valid_client_cert=True,
+            secured=Secured.TLS,
+            mechanism=None,
+            local_name=b"imap.example.org",
+            client_id=b"client",
+            db_id=None,
+        ),
+        RequestVars(user=b"@", login_user=b"", original_user=b""),
+    ],
+)
+def test_lua_fields_are_the_first_long_name_match(variables: RequestVars) -> None:
+    # lua_fields_23 answers each name alone; Dovecot walks the table for the first match.
+    expected: dict[bytes, bytes | None] = {}
+    for e in var_table_23(variables):
+        if e.long is not None:
+            expected.setdefault(e.long.encode(), e.value)
+    assert lua_fields_23(variables) == expected

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lua_api.request import LuaRequest
+from lua_api.request_vars import RequestVars
 from lua_api.results import PassdbResult, UserdbResult
 from lua_api.runtime import LuaState, StateOptions, run_in_loop
 from lua_api.script import Script, ScriptLoadError
@@ -168,6 +170,35 @@ async def test_request_object_shape(load_script) -> None:  # type: ignore[no-unt
         b"protocol": b"nil",
         b"pw": b"nil",
     }
+
+
+async def test_request_data_is_read_when_the_script_asks(load_script) -> None:  # type: ignore[no-untyped-def]
+    built: list[bool] = []
+
+    def variables() -> RequestVars:
+        built.append(True)
+        return RequestVars(user=b"alice@example.org", service=b"imap")
+
+    script = await load_script(
+        "function auth_passdb_lookup(req)\n"
+        "  if req.skip_password_check then return 1, 'password=x' end\n"
+        "  local user = req.user .. '/' .. req.user .. '/' .. tostring(req.domain) .. '/' .. tostring(req.session)\n"
+        "  return 1, {user = user, foo = tostring(req.passdb.foo) .. '/' .. tostring(req.userdb.foo),\n"
+        "    flags = tostring(req.passdbs_seen_user_unknown)}\n"
+        "end\n"
+    )
+    fields = {b"foo": b"bar"}
+    quiet = LuaRequest(variables, passdb_fields=fields, flags=(True, False, False, False))
+    assert (await script.passdb_lookup(quiet, run_in_loop)).password == b"x"
+    assert built == []  # a script that reads no variable costs none
+    reading = LuaRequest(variables, passdb_fields=fields, flags=(False, True, False, False))
+    result = await script.passdb_lookup(reading, run_in_loop)
+    assert dict(result.fields) == {
+        b"user": b"alice@example.org/alice@example.org/example.org/nil",
+        b"foo": b"bar/nil",
+        b"flags": b"true",
+    }
+    assert built == [True]  # built once, for the first variable the script read
 
 
 async def test_password_verify_returns_numbers(load_script) -> None:  # type: ignore[no-untyped-def]

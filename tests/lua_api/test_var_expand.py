@@ -423,14 +423,8 @@ def test_first_table_entry_wins() -> None:
 
 def test_default_context_describes_this_process() -> None:
     context = ExpandContext()
-    assert (
-        expand(b"%{pid}:%{uid}:%{gid}", (), context)
-        == f"{os.getpid()}:{os.geteuid()}:{os.getegid()}".encode()
-    )
-    assert (
-        expand(b"%{hostname}|%{env:HOME}|%{passdb:x:d}", (), context)
-        == socket.gethostname().encode() + b"||d"
-    )
+    assert expand(b"%{pid}:%{uid}:%{gid}", (), context) == f"{os.getpid()}:{os.geteuid()}:{os.getegid()}".encode()
+    assert expand(b"%{hostname}|%{env:HOME}|%{passdb:x:d}", (), context) == socket.gethostname().encode() + b"||d"
 
 
 USERNAME_FORMAT_CASES = [
