@@ -16,10 +16,12 @@ import pwd
 import random
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import structlog
 
 from authd.fields import AuthFields
+from authd.username_format import Formatter, compile_username_format
 from lua_api.request_vars import RequestVars, Secured, var_table_23
 from lua_api.var_expand import ExpandContext, expand, expand_username_format
 from protocol.events import Field, Params
@@ -47,12 +49,28 @@ class UsernameRules:
     #: lua_api.var_expand.ExpandContext for %{env:...} and friends in username_format.
     expand_context: object = None
 
-    def allowed(self) -> frozenset[int] | None:
-        return None if not self.chars else frozenset(self.chars.encode("latin-1"))
+    # Derived once per rules object (a config generation), not per request.
 
-    def translation_map(self) -> dict[int, int]:
+    @cached_property
+    def allowed_chars(self) -> bytes | None:
+        """auth_username_chars as bytes; None allows everything."""
+        return self.chars.encode("latin-1") if self.chars else None
+
+    @cached_property
+    def translation_table(self) -> bytes | None:
+        """auth_username_translation as a bytes.translate() table (later pairs win); None: no-op."""
         raw = self.translation.encode("latin-1")
-        return {raw[i]: raw[i + 1] for i in range(0, len(raw) - 1, 2)}
+        if len(raw) < 2:
+            return None
+        table = bytearray(range(256))
+        for i in range(0, len(raw) - 1, 2):
+            table[raw[i]] = raw[i + 1]
+        return bytes(table)
+
+    @cached_property
+    def formatter(self) -> Formatter | None:
+        """username_format without var_expand, when it is one of the simple formats."""
+        return compile_username_format(self.format.encode())
 
 
 class UsernameError(Exception):
@@ -220,23 +238,25 @@ class AuthRequest:
         rules = self.rules
         if rules.default_realm and b"@" not in username:
             username = username + b"@" + rules.default_realm.encode()
-        translation = rules.translation_map()
-        allowed = rules.allowed()
-        fixed = bytearray()
-        for byte in username:
-            byte = translation.get(byte, byte)
-            if allowed is not None and byte not in allowed:
+        table = rules.translation_table
+        result = username.translate(table) if table is not None else username
+        allowed = rules.allowed_chars
+        if allowed is not None:
+            disallowed = result.translate(None, allowed)  # the bytes not allowed, in order
+            if disallowed:
                 shown = username[:128].decode("utf-8", "replace")
                 raise UsernameError(
-                    f"Username character disallowed by auth_username_chars: 0x{byte:02x} (username: {shown})"
+                    f"Username character disallowed by auth_username_chars: 0x{disallowed[0]:02x} (username: {shown})"
                 )
-            fixed.append(byte)
-        result = bytes(fixed)
         if rules.format:
-            context = rules.expand_context
-            if not isinstance(context, ExpandContext):
-                context = ExpandContext()
-            result = expand_username_format(rules.format.encode(), result, self.vars(), context)
+            formatter = rules.formatter
+            if formatter is not None:
+                result = formatter(result)
+            else:
+                context = rules.expand_context
+                if not isinstance(context, ExpandContext):
+                    context = ExpandContext()
+                result = expand_username_format(rules.format.encode(), result, self.vars(), context)
         if not result:
             raise UsernameError("Empty username")
         return result

@@ -1,13 +1,16 @@
 """One auth-client connection (client or login listener): protocol events to passdb calls.
 
-The reader task feeds bytes to protocol.client.AuthClientServer and starts a task
-for every event that needs the passdb; replies go out through one lock so tasks
-never interleave bytes. Failures wait in the daemon's FailureDelay queue.
+The reader feeds bytes to protocol.client.AuthClientServer and handles its events
+right away, in order; only a passdb call, a penalty wait or a delay_until wait runs
+as a task of its own. Replies go out through the connection's Outbox, which sends
+what several requests produced together. Failures wait in the daemon's FailureDelay
+queue.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +18,9 @@ import structlog
 import trio
 
 from authd.auth_request import AuthRequest, UsernameError
+from authd.outbox import Outbox
 from authd.penalty import penalty_to_secs
+from authd.proxy import drop_proxy_fields, proxy_finish, wants_proxy
 from lua_api.results import PassdbResult
 from protocol.client import AuthClientServer, HandshakeSettings, TakenRequest
 from protocol.errors import PeerError
@@ -61,9 +66,14 @@ class ClientConnection:
             login=login,
         )
         self.requests: dict[int, AuthRequest] = {}
-        self._send_lock = trio.Lock()
+        self._outbox = Outbox(stream, self.proto.data_to_send)
         self._nursery: trio.Nursery | None = None
-        self.closed = False
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """The connection ended, or its peer stopped reading: replies go nowhere."""
+        return self._closed or self._outbox.broken
 
     # --- I/O ----------------------------------------------------------------------
 
@@ -75,15 +85,16 @@ class ClientConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await self.flush()
+                nursery.start_soon(self._outbox.run)
                 await self._read_loop()
+                await self._outbox.drain()
                 nursery.cancel_scope.cancel()
         except Exception:
             # A bug of ours must cost one connection, never the daemon.
             log.exception("client.internal_error", listener=self.where, pid=self.proto.pid)
         finally:
             gauge.dec()
-            self.closed = True
+            self._closed = True
             self.server.forget_client(self)
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
@@ -97,90 +108,102 @@ class ClientConnection:
                 return
             if not data:
                 return
-            try:
-                events = self.proto.receive_data(data)
-            except PeerError as exc:
-                log.error("client.protocol_error", message=str(exc), pid=self.proto.pid, listener=self.where)
-                await self.flush()
-                return
-            self.dispatch(events)
-            await self.flush()
-            if self.closed:
-                return
-
-    async def flush(self) -> None:
-        async with self._send_lock:
-            data = self.proto.data_to_send()
-            if data and not self.closed:
-                await self._send(data)
+            self.proto.feed(data)
+            while True:
+                try:
+                    events = self.proto.next_events()
+                except PeerError as exc:
+                    log.error("client.protocol_error", message=str(exc), pid=self.proto.pid, listener=self.where)
+                    return
+                if events is None:
+                    break
+                self.dispatch(events)
+                if self.closed:
+                    return
 
     async def send_line(self, line: bytes) -> None:
         """Send a reply produced outside the protocol's queue (delayed FAILs)."""
-        async with self._send_lock:
-            if not self.closed:
-                await self._send(line)
-
-    async def _send(self, data: bytes) -> None:
-        try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.closed = True
+        if not self.closed:
+            self._outbox.send(line)
 
     # --- events -------------------------------------------------------------------
 
     def dispatch(self, events: list[ClientEvent]) -> None:
-        assert self._nursery is not None
+        """Handle protocol events in order; whatever they answer at once goes out together."""
         for event in events:
             if isinstance(event, ClientConnected):
-                if not self.server.register_client(self, event.pid):
-                    log.error(
-                        "client.duplicate_pid",
-                        message=f"BUG: Authentication client gave a PID {event.pid} of existing connection",
-                    )
-                    self.closed = True
-                    self._nursery.cancel_scope.cancel()
+                if not self._connected(event):
                     return
-            elif isinstance(event, AuthStarted):
-                self._nursery.start_soon(self._guarded, event.request_id, self._start, event)
-            elif isinstance(event, UsernameReceived):
-                self._username(event)
-            elif isinstance(event, PasswordReceived):
-                self._nursery.start_soon(self._guarded, event.request_id, self._verify, event)
-            elif isinstance(event, CredentialsWanted):
-                self._nursery.start_soon(self._guarded, event.request_id, self._credentials, event)
-            elif isinstance(event, CertUsernameWanted):
-                req = self.requests.get(event.request_id)
-                if req is not None:
-                    self.dispatch(self.proto.cert_username_result(req.id, req.user is not None))
-            elif isinstance(event, AnonymousLoggedIn):
-                self._anonymous(event)
-            elif isinstance(event, Authenticated):
-                self._nursery.start_soon(self._guarded, event.request_id, self._succeed, event.request_id)
-            elif isinstance(event, AuthFailed):
-                req = self.requests.get(event.request_id)
-                if req is not None:
-                    if event.internal:
-                        req.internal_failure = True
-                    log.info(
-                        "auth.mechanism_failed",
-                        message=event.reason,
-                        mech=_text(req.mech),
-                        **req.log_context(),
-                    )
-                    self._nursery.start_soon(self._fail, req)
-            elif isinstance(event, RequestDropped):
-                self.requests.pop(event.request_id, None)
+                continue
+            try:
+                self._handle(event)
+            except Exception:
+                self._internal_error(event.request_id)
+        self._outbox.wake()
 
-    async def _guarded(self, request_id: int, handler: Callable[[Any], Awaitable[None]], arg: Any) -> None:
-        """Run a request step; an unexpected error fails that request with temp_fail."""
-        try:
-            await handler(arg)
-        except Exception:
-            log.exception("auth.internal_error", request_id=request_id)
-            req = self.requests.get(request_id)
+    def _connected(self, event: ClientConnected) -> bool:
+        if self.server.register_client(self, event.pid):
+            return True
+        log.error(
+            "client.duplicate_pid",
+            message=f"BUG: Authentication client gave a PID {event.pid} of existing connection",
+        )
+        self._closed = True
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        return False
+
+    def _handle(self, event: ClientEvent) -> None:
+        if isinstance(event, AuthStarted):
+            self._start(event)
+        elif isinstance(event, PasswordReceived):
+            self._spawn(event.request_id, self._verify, event)
+        elif isinstance(event, Authenticated):
+            self._succeed(event.request_id)
+        elif isinstance(event, UsernameReceived):
+            self._username(event)
+        elif isinstance(event, CredentialsWanted):
+            self._spawn(event.request_id, self._credentials, event)
+        elif isinstance(event, CertUsernameWanted):
+            req = self.requests.get(event.request_id)
             if req is not None:
-                req.internal_failure = True
-                await self._fail(req)
+                self.dispatch(self.proto.cert_username_result(req.id, req.user is not None))
+        elif isinstance(event, AnonymousLoggedIn):
+            self._anonymous(event)
+        elif isinstance(event, AuthFailed):
+            req = self.requests.get(event.request_id)
+            if req is not None:
+                if event.internal:
+                    req.internal_failure = True
+                log.info(
+                    "auth.mechanism_failed",
+                    message=event.reason,
+                    mech=_text(req.mech),
+                    **req.log_context(),
+                )
+                self._fail(req)
+        elif isinstance(event, RequestDropped):
+            self.requests.pop(event.request_id, None)
+
+    def _spawn(self, request_id: int, step: Callable[[Any], Awaitable[None]], arg: Any) -> None:
+        """Run a request step that waits (passdb call, penalty, delay_until) as a task."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guarded, request_id, step, arg)
+
+    async def _guarded(self, request_id: int, step: Callable[[Any], Awaitable[None]], arg: Any) -> None:
+        try:
+            await step(arg)
+        except Exception:
+            self._internal_error(request_id)
+        self._outbox.wake()
+
+    def _internal_error(self, request_id: int) -> None:
+        """An unexpected error in a request step fails that request with temp_fail."""
+        log.exception("auth.internal_error", request_id=request_id)
+        req = self.requests.get(request_id)
+        if req is not None:
+            req.internal_failure = True
+            self._fail(req)
 
     def take_request(self, request_id: int) -> TakenRequest | None:
         """Hand a finished login request to an auth-master REQUEST (one-shot)."""
@@ -192,7 +215,7 @@ class ClientConnection:
         """Is `req` still the live request for its id (not cancelled or replaced)?"""
         return self.requests.get(req.id) is req and not self.closed
 
-    async def _start(self, event: AuthStarted) -> None:
+    def _start(self, event: AuthStarted) -> None:
         req = self.server.new_request(event.request_id)
         req.mech = event.mechanism.encode()
         req.client_pid = self.proto.pid if self.login and self.proto.pid else 0
@@ -208,7 +231,6 @@ class ClientConnection:
             log.info("auth.refused", message=refusal, **req.log_context())
             self.dispatch(self.proto.refuse(req.id, refusal.encode()))
             self.server.log_result(req, "refused")
-            await self.flush()
             return
         # Dovecot waits out the per-IP penalty before running the mechanism; a CONT
         # arriving meanwhile is an "Unexpected continuation".
@@ -217,11 +239,14 @@ class ClientConnection:
             req.last_penalty = self.server.penalty.lookup(ident)
             if req.last_penalty:
                 self.server.metrics.penalty_waits.inc()
-                await trio.sleep(penalty_to_secs(req.last_penalty))
-                if not self._current(req):
-                    return
+                self._spawn(req.id, self._begin_after_penalty, req)
+                return
         self.dispatch(self.proto.begin(req.id))
-        await self.flush()
+
+    async def _begin_after_penalty(self, req: AuthRequest) -> None:
+        await trio.sleep(penalty_to_secs(req.last_penalty))
+        if self._current(req):
+            self.dispatch(self.proto.begin(req.id))
 
     def _username(self, event: UsernameReceived) -> None:
         req = self.requests.get(event.request_id)
@@ -244,8 +269,7 @@ class ClientConnection:
         log.info("auth.anonymous", message="login", trace=trace, **req.log_context())
         req.user = self.server.rules.anonymous_username.encode()
         req.passdb_success = True
-        assert self._nursery is not None
-        self._nursery.start_soon(self._guarded, req.id, self._succeed, req.id)
+        self._succeed(req.id)
 
     async def _verify(self, event: PasswordReceived) -> None:
         req = self.requests.get(event.request_id)
@@ -257,14 +281,12 @@ class ClientConnection:
                 req.set_login_username(event.authzid)
         except UsernameError as exc:
             log.info("auth.invalid_username", message=str(exc), **req.log_context())
-            await self._fail(req)
+            self._fail(req)
             return
         with self.server.generation.use() as generation:
             result = await generation.passdbs.verify_plain(req, event.password)
-        if not self._current(req):
-            return
-        self.dispatch(self.proto.password_result(req.id, _verdict(result)))
-        await self.flush()
+        if self._current(req):
+            self.dispatch(self.proto.password_result(req.id, _verdict(result)))
 
     async def _credentials(self, event: CredentialsWanted) -> None:
         req = self.requests.get(event.request_id)
@@ -276,29 +298,49 @@ class ClientConnection:
                 req.set_login_username(event.authzid)
         except UsernameError as exc:
             log.info("auth.invalid_username", message=str(exc), **req.log_context())
-            await self._fail(req)
+            self._fail(req)
             return
         with self.server.generation.use() as generation:
             result, credentials = await generation.passdbs.lookup_credentials(req, event.scheme)
-        if not self._current(req):
-            return
-        self.dispatch(self.proto.credentials_result(req.id, _verdict(result), credentials or b""))
-        await self.flush()
+        if self._current(req):
+            self.dispatch(self.proto.credentials_result(req.id, _verdict(result), credentials or b""))
 
-    async def _succeed(self, request_id: int) -> None:
+    def _succeed(self, request_id: int) -> None:
         req = self.requests.get(request_id)
         if req is None:
             return
         if req.failed or not req.passdb_success:
-            await self._fail(req)
+            self._fail(req)
             return
         req.successful = True
-        if req.delay_until > 0:
-            wait = req.delay_until - trio.current_time()
-            if wait > 0:
-                await trio.sleep(wait)
-            if not self._current(req):
-                return
+        if self.login and wants_proxy(req):
+            self._spawn(req.id, self._settle_proxy, req)
+            return
+        self._succeed_now_or_later(req)
+
+    async def _settle_proxy(self, req: AuthRequest) -> None:
+        """proxy/proxy_maybe may need a DNS lookup before the login can succeed."""
+        proceed = await proxy_finish(req, self.server.config.auth.proxy_self)
+        if not self._current(req):
+            return
+        if proceed:
+            self._succeed_now_or_later(req)
+        else:
+            self._fail(req)
+
+    def _succeed_now_or_later(self, req: AuthRequest) -> None:
+        # delay_until is a wall-clock time, as in Dovecot (compared with ioloop_time).
+        if req.delay_until > time.time():
+            self._spawn(req.id, self._succeed_after_delay, req)
+            return
+        self._reply_ok(req)
+
+    async def _succeed_after_delay(self, req: AuthRequest) -> None:
+        await trio.sleep(req.delay_until - time.time())
+        if self._current(req):
+            self._reply_ok(req)
+
+    def _reply_ok(self, req: AuthRequest) -> None:
         extra = req.extra_fields
         extra.booleanize(b"nologin")
         extra.booleanize(b"proxy")
@@ -309,12 +351,12 @@ class ClientConnection:
         if keep is None:
             self.requests.pop(req.id, None)
         self.server.log_result(req, "ok")
-        await self.flush()
 
-    async def _fail(self, req: AuthRequest) -> None:
+    def _fail(self, req: AuthRequest) -> None:
         """auth_request_handler_reply_failure_finish + the failure delay."""
         if not self._current(req):
             return
+        drop_proxy_fields(req)
         extra = req.extra_fields
         extra.remove(b"nologin")
         code = b""
@@ -340,11 +382,11 @@ class ClientConnection:
         if line is None:
             return
         if nodelay:
-            await self.send_line(line)
+            self._outbox.send(line)
             return
         self._penalize(req, req.last_penalty + 1)
         if self.server.failure_delay.delay <= 0:
-            await self.send_line(line)
+            self._outbox.send(line)
         else:
             self.server.failure_delay.add(lambda: self.send_line(line))
 

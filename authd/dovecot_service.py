@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import select
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +92,7 @@ class DovecotLogRenderer:
 
     _TYPES = {"debug": 0, "info": 1, "warning": 2, "error": 3, "critical": 4}
 
-    def __call__(self, _logger: Any, method: str, event: dict[str, Any]) -> str:
+    def __call__(self, _logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
         level = self._TYPES.get(method, 1)
         name = event.pop("event", "")
         event.pop("timestamp", None)

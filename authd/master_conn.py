@@ -19,6 +19,8 @@ import structlog
 import trio
 
 from authd.auth_request import AuthRequest, UsernameError
+from authd.outbox import Outbox
+from authd.proxy import drop_proxy_fields, proxy_finish
 from lua_api.results import PassdbResult, UserdbResult
 from protocol.errors import PeerError
 from protocol.events import Field
@@ -76,8 +78,7 @@ class MasterConnection:
         self.proto = AuthMasterServer(server.spid, userdb_only=userdb_only)
         self.creds = peer_credentials(stream)
         self.restricted_uid = restricted_uid(path, self.creds)
-        self._send_lock = trio.Lock()
-        self.closed = False
+        self._outbox = Outbox(stream, self.proto.data_to_send)
 
     async def run(self) -> None:
         self.proto.initiate()
@@ -85,14 +86,14 @@ class MasterConnection:
         gauge.inc()
         try:
             async with trio.open_nursery() as nursery:
-                await self.flush()
+                nursery.start_soon(self._outbox.run)
                 await self._read_loop(nursery)
+                await self._outbox.drain()
                 nursery.cancel_scope.cancel()
         except Exception:
             log.exception("master.internal_error", listener=self.where)
         finally:
             gauge.dec()
-            self.closed = True
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
                 await self.stream.aclose()
@@ -109,20 +110,10 @@ class MasterConnection:
                 events = self.proto.receive_data(data)
             except PeerError as exc:
                 log.error("master.protocol_error", message=str(exc), listener=self.where)
-                await self.flush()
                 return
             for event in events:
                 await self._handle(event, nursery)
-            await self.flush()
-
-    async def flush(self) -> None:
-        async with self._send_lock:
-            data = self.proto.data_to_send()
-            if data and not self.closed:
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.closed = True
+            self._outbox.wake()
 
     async def _handle(self, event: MasterEvent, nursery: trio.Nursery) -> None:
         # User name checks answer at once, in order, as Dovecot does; lookups run as tasks.
@@ -148,7 +139,7 @@ class MasterConnection:
         except Exception:
             log.exception("master.internal_error", request_id=request_id)
             self.proto.failed(request_id)
-        await self.flush()
+        self._outbox.wake()
 
     # --- USER -----------------------------------------------------------------------
 
@@ -212,6 +203,10 @@ class MasterConnection:
             return
         with self.server.generation.use() as generation:
             result, _ = await generation.passdbs.lookup_credentials(req, "")
+        if result != PassdbResult.OK:
+            drop_proxy_fields(req)
+        elif not await proxy_finish(req, self.server.config.auth.proxy_self):
+            result = PassdbResult.INTERNAL_FAILURE
         if result == PassdbResult.OK:
             if req.failed or not req.passdb_success:
                 self.proto.failed(req.id)
@@ -242,7 +237,7 @@ class MasterConnection:
             failed = failed or result.failed
             for user in result.users:
                 self.proto.list_user(event.request_id, user)
-            await self.flush()
+            self._outbox.wake()
         self.proto.list_done(event.request_id, failed=failed)
 
     # --- REQUEST ----------------------------------------------------------------------

@@ -7,7 +7,9 @@ counters. The endpoint is a few lines of trio: a scrape is one GET.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
 
 import structlog
 import trio
@@ -16,6 +18,27 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = structlog.get_logger("authd.metrics")
+
+T = TypeVar("T", Counter, Gauge, Histogram)
+
+
+class Children(Generic[T]):
+    """A labelled metric's children, looked up by label values once each.
+
+    prometheus_client's labels() validates the values and takes a lock on every
+    call; the per-request counters ask for the same few children all the time.
+    """
+
+    def __init__(self, metric: T) -> None:
+        self._metric: T = metric
+        self._children: dict[tuple[str, ...], T] = {}
+
+    def __call__(self, *values: str) -> T:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -55,8 +78,6 @@ class Metrics:
         self.penalty_waits = Counter("authd_penalty_waits", "Requests that waited out a penalty", registry=r)
         self.connections = Gauge("authd_connections", "Open connections", ["listener"], registry=r)
         self.reloads = Counter("authd_reloads", "Script and config reloads", ["result"], registry=r)
-        self.pool_busy = Gauge("authd_lua_states_busy", "Lua states running a call", ["script"], registry=r)
-        self.pool_size = Gauge("authd_lua_states", "Lua states", ["script"], registry=r)
         self.pool_wait = Histogram(
             "authd_lua_state_wait_seconds",
             "Time a call waited for a free Lua state",
@@ -65,12 +86,40 @@ class Metrics:
             registry=r,
         )
 
+        #: Children of the metrics every request updates.
+        self.auth_requests_for = Children(self.auth_requests)
+        self.lookups_for = Children(self.lookups)
+        self.db_duration_for = Children(self.db_duration)
+
     def watch_cache(self, stats: Callable[[], tuple[int, int, int, int]]) -> None:
         """Export the auth cache's (hits, misses, entries, bytes) when scraped."""
         self.registry.register(_CacheCollector(stats))
 
+    def watch_pools(self, stats: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        """Export the Lua state pools' (script, states, busy states) when scraped."""
+        self.registry.register(_PoolCollector(stats))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PoolCollector(Collector):
+    def __init__(self, stats: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        states = GaugeMetricFamily("authd_lua_states", "Lua states loaded", labels=["script"])
+        busy = GaugeMetricFamily("authd_lua_states_busy", "Lua states running a call", labels=["script"])
+        totals: dict[str, list[int]] = {}
+        for script, count, running in self.stats():
+            total = totals.setdefault(script, [0, 0])
+            total[0] += count
+            total[1] += running
+        for script, (count, running) in sorted(totals.items()):
+            states.add_metric([script], count)
+            busy.add_metric([script], running)
+        yield states
+        yield busy
 
 
 class _CacheCollector(Collector):
@@ -97,7 +146,7 @@ async def serve_metrics(
     listeners = await trio.open_tcp_listeners(port, host=address)
     task_status.started(listeners[0].socket.getsockname()[1])
     log.info("metrics.ready", address=address, port=listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(lambda stream: _handle(stream, metrics, healthy), listeners)
+    await trio.serve_listeners(functools.partial(_handle, metrics=metrics, healthy=healthy), listeners)
 
 
 async def _handle(stream: trio.SocketStream, metrics: Metrics, healthy: Callable[[], bool]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from authd.password_check import handle_credentials
 from lua_api.results import PassdbResult
 
 log = structlog.get_logger("authd.passdb")
+
+#: Bytes a plaintext password may not contain (they could not be passed on to a passdb).
+_ILLEGAL_PASSWORD_CHARS = re.compile(rb"[\x01\t\r\n]")
 
 
 class Rule(enum.Enum):
@@ -139,8 +143,9 @@ class PassdbChain:
         req.mech_password = password
         chain = self._first(req)
         index = 0
+        result: int
         while True:
-            if any(c in password for c in b"\x01\t\r\n"):
+            if _ILLEGAL_PASSWORD_CHARS.search(password) is not None:
                 log.info(
                     "auth.password",
                     message="Attempted login with password having illegal chars",

@@ -731,9 +731,7 @@ def format_for_pw(plain: bytes, scheme: str, user: bytes = b"") -> bytes:
     return b"{%s}%s" % (_name_bytes(name), generate(plain, name, user=user))
 
 
-def credentials(
-    stored: bytes, wanted_scheme: str, *, default_scheme: str = "PLAIN", user: bytes = b""
-) -> bytes:
+def credentials(stored: bytes, wanted_scheme: str, *, default_scheme: str = "PLAIN", user: bytes = b"") -> bytes:
     """Credentials in `wanted_scheme` for a lookup-credentials mechanism, as passdb_get_credentials().
 
     Returns the decoded (raw, not hex/base64) stored credentials when the schemes are the same or

@@ -28,6 +28,11 @@ DNS_WARN = 0.5
 PROXY_FIELDS = (b"proxy", b"proxy_maybe", b"proxy_always", b"host", b"port", b"destuser")
 
 
+def wants_proxy(req: AuthRequest) -> bool:
+    """Whether the passdb asked for proxying, so proxy_finish has something to settle."""
+    return b"proxy" in req.extra_fields or b"proxy_maybe" in req.extra_fields
+
+
 def drop_proxy_fields(req: AuthRequest) -> None:
     """auth_request_proxy_finish_failure."""
     for name in PROXY_FIELDS:
@@ -39,9 +44,9 @@ async def proxy_finish(req: AuthRequest, proxy_self: Sequence[str] = ()) -> bool
 
     A DNS failure is an internal failure (temp_fail); an invalid `hostip` a plain one.
     """
-    extra = req.extra_fields
-    if b"proxy" not in extra and b"proxy_maybe" not in extra:
+    if not wants_proxy(req):
         return True
+    extra = req.extra_fields
     host = extra.find(b"host")
     if host is None:
         # A director fills in the host; give it what it needs for its own proxy_maybe.

@@ -9,10 +9,12 @@ edit or `authd reload` reload the config and scripts without dropping anything
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import secrets
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +27,7 @@ from authd.auth_request import AuthRequest, UsernameRules
 from authd.cache import AuthCache
 from authd.cache_glue import PassdbCache, UserdbCache
 from authd.client_conn import ClientConnection
-from authd.databases import build_passdbs, build_userdbs
+from authd.databases import build_passdbs, build_userdbs, lua_drivers, lua_pools
 from authd.failure_delay import FailureDelay
 from authd.listeners import ListenerError, open_listener, set_permissions
 from authd.lua_bridge import expand_context
@@ -39,7 +41,7 @@ from config import ConfigError, load_config
 from config.schema import CacheSettings, Config, ListenerSettings, MetricsSettings
 from lua_api.dns import DnsExtension
 from lua_api.http import HttpExtension
-from lua_api.runtime import StateOptions
+from lua_api.runtime import LuaExtension, StateOptions
 from lua_api.script import ScriptLoadError
 from protocol.mechanisms import MECHANISMS, Mechanism
 
@@ -75,6 +77,11 @@ class Server:
         self.limiter = trio.CapacityLimiter(config.lua.workers)
         self.cache = _new_cache(config.cache)
         self.metrics.watch_cache(self._cache_stats)
+        self.metrics.watch_pools(self._pool_stats)
+        #: dovecot.http and dns_client, shared by every Lua state (they pool connections).
+        self._http = HttpExtension()
+        self._http.on_response = self._observe_http
+        self._dns = DnsExtension()
         self._generation_numbers = itertools.count(1)
         self.generation = self._build_generation(config)
         self._reload_lock = trio.Lock()
@@ -128,10 +135,27 @@ class Server:
         passdbs = build_passdbs(config, options, self.limiter)
         userdbs = build_userdbs(config, options, self.limiter, passdbs)
         passdbs.observe = userdbs.observe = self.observe_db
+        for driver in lua_drivers(passdbs, userdbs):
+            driver.pool.on_wait = self.metrics.pool_wait.labels(str(driver.path)).observe
+            driver.on_failure = partial(self._count_lua_failure, str(driver.path))
         if self.cache is not None:
             passdbs.cache = PassdbCache(self.cache)
             userdbs.cache = UserdbCache(self.cache)
         return Generation(next(self._generation_numbers), config, rules, mechanisms, passdbs, userdbs)
+
+    def _count_lua_failure(self, script: str, kind: str) -> None:
+        self.metrics.lua_errors.labels(script, kind).inc()
+
+    def _pool_stats(self) -> Iterator[tuple[str, int, int]]:
+        """(script, states, busy) of every pool, retiring generations' included."""
+        for generation in (*self._retiring, self.generation):
+            for script, pool in lua_pools(generation.passdbs, generation.userdbs):
+                yield script, pool.states, pool.busy
+
+    def _observe_http(self, status: int, seconds: float) -> None:
+        status_class = f"{status // 100}xx" if 100 <= status <= 599 else "failed"
+        self.metrics.http_requests.labels(status_class).inc()
+        self.metrics.http_duration.observe(seconds)
 
     def _cache_stats(self) -> tuple[int, int, int, int]:
         cache = self.cache
@@ -150,10 +174,7 @@ class Server:
             max_memory=lua.max_memory,
         )
 
-    def _extensions(self) -> tuple[object, ...]:
-        if not hasattr(self, "_http"):
-            self._http = HttpExtension()
-            self._dns = DnsExtension()
+    def _extensions(self) -> tuple[LuaExtension, ...]:
         return (self._http, self._dns)
 
     # --- shared state ------------------------------------------------------------
@@ -199,23 +220,24 @@ class Server:
         """One log event and the metrics for every finished request (never the password)."""
         duration = time.monotonic() - req.started
         mech = (req.mech or b"").decode("latin-1")
-        service = (req.service or b"").decode("utf-8", "replace")
-        log.info(
-            "auth.request",
-            command=command,
-            result=result,
-            mech=mech,
-            duration_ms=round(duration * 1000, 1),
-            **req.log_context(),
-        )
+        if log.is_enabled_for(logging.INFO):  # with [log] level above info, skip building the event
+            log.info(
+                "auth.request",
+                command=command,
+                result=result,
+                mech=mech,
+                duration_ms=round(duration * 1000, 1),
+                **req.log_context(),
+            )
         if command == "AUTH":
-            self.metrics.auth_requests.labels(mech, service, result).inc()
+            service = (req.service or b"").decode("utf-8", "replace")
+            self.metrics.auth_requests_for(mech, service, result).inc()
             self.metrics.auth_duration.observe(duration)
         else:
-            self.metrics.lookups.labels(command, result).inc()
+            self.metrics.lookups_for(command, result).inc()
 
     def observe_db(self, db: str, kind: str, seconds: float) -> None:
-        self.metrics.db_duration.labels(db, kind).observe(seconds)
+        self.metrics.db_duration_for(db, kind).observe(seconds)
 
     # --- running --------------------------------------------------------------------
 
@@ -226,8 +248,7 @@ class Server:
     async def close(self) -> None:
         for generation in (*self._retiring, self.generation):
             await generation.close()
-        if hasattr(self, "_http"):
-            await self._http.aclose()
+        await self._http.aclose()
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Load scripts, open listeners and serve until cancelled or signalled."""

@@ -105,8 +105,8 @@ def authenticate(
             if parts[0] in (b"OK", b"FAIL"):
                 out = []
                 for part in parts[2:]:
-                    key, sep, value = part.partition(b"=")
-                    out.append((key.decode("utf-8", "replace"), value.decode("utf-8", "replace") if sep else None))
+                    name, sep, raw = part.partition(b"=")
+                    out.append((name.decode("utf-8", "replace"), raw.decode("utf-8", "replace") if sep else None))
                 return AuthReply(parts[0] == b"OK", out, line)
             raise ToolError(f"unexpected reply: {line!r}")
     except OSError as exc:

@@ -103,12 +103,13 @@ class UserdbChain:
             log.error("userdb.none", message="No userdbs configured", **req.log_context())
             return UserdbResult.INTERNAL_FAILURE
         index = 0
+        result: int
         while True:
             entry = self.entries[index]
             req.user_changed_by_lookup = False
             result = await self._lookup_one(req, entry)
             rule = {
-                UserdbResult.OK: entry.result_success,
+                int(UserdbResult.OK): entry.result_success,
                 UserdbResult.INTERNAL_FAILURE: entry.result_internalfail,
             }.get(result, entry.result_failure)
             carry_on = rule in (Rule.CONTINUE, Rule.CONTINUE_OK, Rule.CONTINUE_FAIL)

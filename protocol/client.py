@@ -174,13 +174,30 @@ class AuthClientServer:
 
     def receive_data(self, data: bytes) -> list[ClientEvent]:
         """Consume bytes from the client. Raises PeerError where Dovecot disconnects."""
+        self.feed(data)
+        events: list[ClientEvent] = []
+        while (line_events := self.next_events()) is not None:
+            events.extend(line_events)
+        return events
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Buffer bytes from the client; `next_events()` then parses them line by line."""
         if not self._initiated:
             raise UsageError("call initiate() before receive_data()")
         self._lines.feed(data)
-        events: list[ClientEvent] = []
-        while (line := self._lines.next_line()) is not None:
-            events.extend(self._handle_line(line))
-        return events
+
+    def next_events(self) -> list[ClientEvent] | None:
+        """The events of the next complete line (often none), or None if no line is complete.
+
+        Raises PeerError where Dovecot disconnects. A caller that answers each line's
+        events before asking for the next line's keeps the replies in line order, as
+        Dovecot does: a FAIL this parser sends at once for a later line (bad base64,
+        CONT for an unknown id) cannot overtake the answer to an earlier one.
+        """
+        line = self._lines.next_line()
+        if line is None:
+            return None
+        return self._handle_line(line)
 
     def _handle_line(self, line: bytes) -> list[ClientEvent]:
         if self.minor_version is None:

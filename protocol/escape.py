@@ -15,7 +15,7 @@ import re
 _ESCAPES = {0x00: b"\x010", 0x01: b"\x011", 0x09: b"\x01t", 0x0D: b"\x01r", 0x0A: b"\x01n"}
 _UNESCAPES = {ord("0"): b"\x00", ord("1"): b"\x01", ord("t"): b"\t", ord("r"): b"\r", ord("n"): b"\n"}
 _NEEDS_ESCAPE = re.compile(rb"[\x00\x01\t\r\n]")
-_BASE64_WHITESPACE = re.compile(rb"[ \t\r\n]+")
+_BASE64_BLANKS = b" \t\r\n"
 _BASE64_SHAPE = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 
@@ -48,7 +48,10 @@ def tab_unescape(value: bytes) -> bytes:
 
 def split_tabescaped(line: bytes) -> list[bytes]:
     """Split a line on TAB, then unescape each field (t_strsplit_tabescaped)."""
-    return [tab_unescape(field) for field in line.split(b"\t")]
+    fields = line.split(b"\t")
+    if b"\x01" not in line:
+        return fields  # nothing escaped (nearly every line): skip the per-field check
+    return [tab_unescape(field) for field in fields]
 
 
 def join_tabescaped(fields: list[bytes]) -> bytes:
@@ -63,7 +66,7 @@ def b64decode_strict(data: bytes) -> bytes:
     padding must complete the last quantum exactly ("YQ==", "YWE="), and nothing but
     blanks may follow it. Python's strict mode alone would also take "YWJj=".
     """
-    compact = _BASE64_WHITESPACE.sub(b"", data)
+    compact = data.translate(None, _BASE64_BLANKS)
     if _BASE64_SHAPE.fullmatch(compact) is None:
         raise ValueError("invalid base64")
     return binascii.a2b_base64(compact)

@@ -19,7 +19,7 @@ class LineBuffer:
         self._data = bytearray()
         self._searched = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._data += data
 
     def next_line(self) -> bytes | None:

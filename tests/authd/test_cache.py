@@ -100,7 +100,7 @@ end
 def cached_authd(tmp_path: Path) -> Iterator[AuthdProcess]:
     (tmp_path / "password").write_text("secret1\n")
     config = (
-        '[auth]\nfailure_delay = 0\npenalty = false\n[cache]\nsize = 1000000\nttl = 2\nnegative_ttl = 2\n'
+        "[auth]\nfailure_delay = 0\npenalty = false\n[cache]\nsize = 1000000\nttl = 2\nnegative_ttl = 2\n"
         '[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n[[userdb]]\ndriver = "lua"\nfile = "s.lua"\n'
         "[lua]\nworkers = 1\n" + LISTENERS
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.authd_process import LISTENERS, AuthdProcess
+from tests.http_backend import Account, Backend, HttpBackend
 from tests.interop.wire import Wire
 
 SCRIPT = """\
@@ -113,3 +114,58 @@ def test_no_endpoint_without_metrics_section(tmp_path: Path) -> None:
         assert auth(proc, "alice", "x", "192.0.2.9").startswith("OK\t1\tuser=alice")
         assert not any(e.get("event") == "metrics.ready" for e in proc.log_events())
         assert re.search(r"listener\.ready", proc.log_text())
+
+
+def test_children_are_the_labelled_metrics() -> None:
+    """The cached children are prometheus_client's own: same objects, same exposition."""
+    from authd.metrics import Metrics
+
+    metrics = Metrics()
+    child = metrics.auth_requests_for("PLAIN", "imap", "ok")
+    assert metrics.auth_requests_for("PLAIN", "imap", "ok") is child
+    assert child is metrics.auth_requests.labels("PLAIN", "imap", "ok")
+    child.inc()
+    metrics.auth_requests_for("PLAIN", "smtp", "failed").inc(2)
+    text = metrics.render().decode()
+    assert 'authd_auth_requests_total{mechanism="PLAIN",result="ok",service="imap"} 1.0' in text
+    assert 'authd_auth_requests_total{mechanism="PLAIN",result="failed",service="smtp"} 2.0' in text
+
+
+HTTP_SCRIPT = """\
+local client = dovecot.http.client({timeout = 5000})
+
+function auth_passdb_lookup(req)
+  if req.user == "loop" then while true do end end
+  if req.user == "broken" then error("backend exploded") end
+  local response = client:request({url = "%s/api/user/" .. req.user}):submit()
+  if response:status() == 200 then return dovecot.auth.PASSDB_RESULT_OK, "password=secret" end
+  return dovecot.auth.PASSDB_RESULT_USER_UNKNOWN, "status " .. response:status()
+end
+"""
+
+
+def test_lua_and_http_metrics(tmp_path: Path) -> None:
+    with HttpBackend(Backend(accounts={"alice": Account("secret")})) as backend:
+        script = tmp_path / "h.lua"
+        config = (
+            '[auth]\nfailure_delay = 0\npenalty = false\n[metrics]\naddress = "127.0.0.1"\nport = 0\n'
+            "[lua]\nworkers = 2\ncall_timeout = 0.5\n"
+            '[[passdb]]\ndriver = "lua"\nfile = "h.lua"\n[[userdb]]\ndriver = "prefetch"\n' + LISTENERS
+        )
+        with AuthdProcess(tmp_path, config, {"h.lua": HTTP_SCRIPT % backend.url}) as proc:
+            assert auth(proc, "alice", "secret", "192.0.2.1") == "OK\t1\tuser=alice"
+            assert auth(proc, "alice", "secret", "192.0.2.1") == "OK\t1\tuser=alice"
+            assert auth(proc, "nobody", "secret", "192.0.2.1") == "FAIL\t1\tuser=nobody"
+            assert auth(proc, "loop", "x", "192.0.2.1") == "FAIL\t1\tuser=loop\tcode=temp_fail"
+            assert auth(proc, "broken", "x", "192.0.2.1") == "FAIL\t1\tuser=broken\tcode=temp_fail"
+            samples = scrape(proc)
+    label = f'script="{script}"'
+    assert samples['authd_http_requests_total{status_class="2xx"}'] == 2.0
+    assert samples['authd_http_requests_total{status_class="4xx"}'] == 1.0
+    assert samples["authd_http_duration_seconds_count"] == 3.0
+    assert samples[f'authd_lua_errors_total{{kind="timeout",{label}}}'] == 1.0
+    assert samples[f'authd_lua_errors_total{{kind="error",{label}}}'] == 1.0
+    # a pool starts with [lua] workers states; sequential calls never made it grow
+    assert samples[f"authd_lua_states{{{label}}}"] == 2.0
+    assert samples[f"authd_lua_states_busy{{{label}}}"] == 0.0
+    assert samples[f"authd_lua_state_wait_seconds_count{{{label}}}"] == 0.0  # no call had to wait

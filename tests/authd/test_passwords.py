@@ -44,9 +44,7 @@ def doveadm_pw(*args: str | bytes) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([DOVEADM, "-O", "pw", *args], capture_output=True, check=False, timeout=120)
 
 
-def doveadm_generate(
-    scheme: str, password: bytes = b"secret", user: bytes = USER, rounds: int | None = None
-) -> bytes:
+def doveadm_generate(scheme: str, password: bytes = b"secret", user: bytes = USER, rounds: int | None = None) -> bytes:
     args: list[str | bytes] = ["-s", scheme, "-p", password, "-u", user]
     if rounds is not None:
         args += ["-r", str(rounds)]
@@ -236,9 +234,7 @@ def test_generation_errors() -> None:
         format_for_pw(b"secret", "nosuch")
     with pytest.raises(PasswordGenerationError, match=r"^Unknown scheme: SHA256.XYZ$"):
         generate(b"secret", "SHA256.XYZ")
-    with pytest.raises(
-        PasswordGenerationError, match=r"^crypto_pwhash_argon2i_str failed: Invalid argument$"
-    ):
+    with pytest.raises(PasswordGenerationError, match=r"^crypto_pwhash_argon2i_str failed: Invalid argument$"):
         generate(b"secret", "ARGON2I", rounds=2)
     with pytest.raises(PasswordGenerationError, match=r"^Invalid number of rounds: 4294967296$"):
         generate(b"secret", "PBKDF2", rounds=2**32)
@@ -300,8 +296,7 @@ KNOWN = [
         b"secret",
     ),
     (
-        b"{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$YQ/CvTpYRVimhUBbM2mAcA$"
-        b"goFttDfBpmm21HQFp6cxSQwhc805snu+3eWsTszOLAY",
+        b"{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$YQ/CvTpYRVimhUBbM2mAcA$goFttDfBpmm21HQFp6cxSQwhc805snu+3eWsTszOLAY",
         b"secret",
     ),
 ]
@@ -654,9 +649,7 @@ def test_credentials_not_available(stored: bytes, wanted: str, message: str, log
 @needs_doveadm
 def test_plaintext_to_cram_md5_equals_doveadms_cram_md5() -> None:
     stored = doveadm_generate("CRAM-MD5", b"p\xc3\xa4ss")
-    assert credentials(b"{PLAIN}p\xc3\xa4ss", "CRAM-MD5") == bytes.fromhex(
-        stored.removeprefix(b"{CRAM-MD5}").decode()
-    )
+    assert credentials(b"{PLAIN}p\xc3\xa4ss", "CRAM-MD5") == bytes.fromhex(stored.removeprefix(b"{CRAM-MD5}").decode())
 
 
 def test_plaintext_to_scram_makes_verifiable_credentials() -> None:

@@ -129,9 +129,7 @@ end
 """
 
 
-def test_calls_in_flight_finish_on_the_old_script_then_it_is_deinitialised(
-    tmp_path: Path, stack: ExitStack
-) -> None:
+def test_calls_in_flight_finish_on_the_old_script_then_it_is_deinitialised(tmp_path: Path, stack: ExitStack) -> None:
     config = CONFIG + "[reload]\nwatch_scripts = false\n"
     backend = stack.enter_context(HttpBackend(Backend(delay=1.5)))
     prologue = f'BACKEND = "{backend.url}"\n'

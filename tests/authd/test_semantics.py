@@ -97,9 +97,7 @@ def authd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthdProcess]:
     proc.stop()
 
 
-def auth(
-    authd: AuthdProcess, user: str, password: str = "x", extra: str = "", socket: str = "auth-client"
-) -> str:
+def auth(authd: AuthdProcess, user: str, password: str = "x", extra: str = "", socket: str = "auth-client") -> str:
     resp = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
     with Wire.auth_client(authd.socket(socket)) as w:
         w.send("VERSION\t1\t2", "CPID\t77", f"AUTH\t1\tPLAIN\tservice=imap{extra}\tresp={resp}")
@@ -200,9 +198,7 @@ def test_userdb_field_semantics(authd: AuthdProcess, user: str, reply: str) -> N
 
 def test_userdb_sees_prefetched_fields_in_request(authd: AuthdProcess) -> None:
     # req.userdb shows userdb_* fields a passdb returned; in a plain USER lookup there are none
-    assert (
-        master(authd, "USER\t1\tseen\tservice=lmtp", "auth-userdb") == "USER\t1\tseen\tuid=7\tprefetched=nil"
-    )
+    assert master(authd, "USER\t1\tseen\tservice=lmtp", "auth-userdb") == "USER\t1\tseen\tuid=7\tprefetched=nil"
 
 
 def test_passdb_and_userdb_have_separate_states(authd: AuthdProcess) -> None:
@@ -215,11 +211,7 @@ def test_passdb_and_userdb_have_separate_states(authd: AuthdProcess) -> None:
 
 @pytest.fixture(scope="module")
 def verify_authd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthdProcess]:
-    config = (
-        CONFIG.replace("semantics.lua", "verify.lua").split("[[userdb]]")[0]
-        + "[lua]\nworkers = 2\n"
-        + LISTENERS
-    )
+    config = CONFIG.replace("semantics.lua", "verify.lua").split("[[userdb]]")[0] + "[lua]\nworkers = 2\n" + LISTENERS
     proc = AuthdProcess(tmp_path_factory.mktemp("verify"), config, {"verify.lua": VERIFY_SCRIPT})
     proc.start(wait_for=("auth-client", "auth-master"))
     yield proc
@@ -308,10 +300,7 @@ def test_restricted_userdb_socket() -> None:
         f"  if req.user == 'me' then return 1, 'uid={nobody.pw_uid}' end\n"
         "  return 1, 'uid=0'\nend\nfunction auth_userdb_iterate() return {'me'} end\n"
     )
-    config = (
-        '[[userdb]]\ndriver = "lua"\nfile = "u.lua"\n'
-        '[[listener]]\ntype = "userdb"\npath = "u"\nmode = 0o666\n'
-    )
+    config = '[[userdb]]\ndriver = "lua"\nfile = "u.lua"\n[[listener]]\ntype = "userdb"\npath = "u"\nmode = 0o666\n'
     proc = AuthdProcess(workdir, config, {"u.lua": script})
     proc.start(wait_for=("u",))
     try:
@@ -319,13 +308,10 @@ def test_restricted_userdb_socket() -> None:
             nobody.pw_uid,
             nobody.pw_gid,
             proc.socket("u"),
-            b"VERSION\t1\t0\nUSER\t1\tme\tservice=x\nUSER\t2\tother\tservice=x\n"
-            b"PASS\t3\tme\tservice=x\nLIST\t4\n",
+            b"VERSION\t1\t0\nUSER\t1\tme\tservice=x\nUSER\t2\tother\tservice=x\nPASS\t3\tme\tservice=x\nLIST\t4\n",
             6,
         )
-        assert sorted(lines[2:]) == sorted(
-            [f"USER\t1\tme\tuid={nobody.pw_uid}", "FAIL\t2", "FAIL\t3", "DONE\t4\tfail"]
-        )
+        assert sorted(lines[2:]) == sorted([f"USER\t1\tme\tuid={nobody.pw_uid}", "FAIL\t2", "FAIL\t3", "DONE\t4\tfail"])
     finally:
         proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -28,9 +28,7 @@ def test_units_verify(tmp_path: Path) -> None:
         text = unit.read_text().replace("/opt/authd/.venv/bin/authd", str(authd_bin))
         (tmp_path / unit.name).write_text(text)
     units = sorted(str(p) for p in tmp_path.iterdir())
-    done = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "authd.service" in " ".join(units)
     service = (UNITS / "authd.service").read_text()

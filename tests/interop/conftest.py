@@ -79,9 +79,7 @@ def fresh_ip() -> Callable[[], str]:
 
 @pytest.fixture(scope="session")
 def ref_dovecot(interop_dir: Path, users_file: Path) -> Iterator[ReferenceDovecot]:
-    databases = db_block("passdb", "passwd-file", str(users_file)) + db_block(
-        "userdb", "passwd-file", str(users_file)
-    )
+    databases = db_block("passdb", "passwd-file", str(users_file)) + db_block("userdb", "passwd-file", str(users_file))
     ref = ReferenceDovecot(subdir(interop_dir, "ref"), databases)
     with running("reference dovecot", ref):
         yield ref
@@ -103,9 +101,7 @@ def lua_dovecot(interop_dir: Path) -> Iterator[ReferenceDovecot]:
 
 @pytest.fixture(scope="module")
 def postfix(interop_dir: Path, ref_dovecot: ReferenceDovecot) -> Iterator[ThrowawayPostfix]:
-    with running(
-        "postfix", ThrowawayPostfix(subdir(interop_dir, "postfix"), ref_dovecot.socket("auth-client"))
-    ) as pf:
+    with running("postfix", ThrowawayPostfix(subdir(interop_dir, "postfix"), ref_dovecot.socket("auth-client"))) as pf:
         yield pf
 
 

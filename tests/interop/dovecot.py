@@ -130,9 +130,7 @@ class _Dovecot:
 
     def _failure(self, problem: str) -> RuntimeError:
         output = self._output_path.read_text(errors="replace") if self._output_path.exists() else ""
-        return RuntimeError(
-            f"{problem}\n--- dovecot output ---\n{output}\n--- {self.log_path} ---\n{self.log_text()}"
-        )
+        return RuntimeError(f"{problem}\n--- dovecot output ---\n{output}\n--- {self.log_path} ---\n{self.log_text()}")
 
     def start(self, timeout: float = 15.0) -> None:
         """Start `dovecot -F` in its own session and wait until `_probe` succeeds."""

@@ -49,9 +49,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class ThrowawayPostfix:
     """Postfix master + smtpd with `smtpd_sasl_type = dovecot` pointed at SASL_PATH."""
 
-    def __init__(
-        self, workdir: Path, sasl_path: Path | str, *, extra_main: Mapping[str, str] | None = None
-    ) -> None:
+    def __init__(self, workdir: Path, sasl_path: Path | str, *, extra_main: Mapping[str, str] | None = None) -> None:
         self.workdir = workdir
         self.sasl_path = str(sasl_path)
         self.extra_main = dict(extra_main or {})
@@ -91,9 +89,7 @@ class ThrowawayPostfix:
         return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
 
     def _failure(self, problem: str, output: str = "") -> RuntimeError:
-        return RuntimeError(
-            f"{problem}\n--- postfix output ---\n{output}\n--- {self.maillog} ---\n{self.log_text()}"
-        )
+        return RuntimeError(f"{problem}\n--- postfix output ---\n{output}\n--- {self.maillog} ---\n{self.log_text()}")
 
     def start(self, timeout: float = 15.0) -> None:
         """Write the configuration, `postfix start`, and wait for smtpd's 220 greeting."""

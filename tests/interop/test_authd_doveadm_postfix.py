@@ -22,9 +22,7 @@ from .procs import make_workdir, running
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("doveadm") is None, reason="Debian's dovecot-core is not installed"
-)
+pytestmark = pytest.mark.skipif(shutil.which("doveadm") is None, reason="Debian's dovecot-core is not installed")
 
 USERS_LUA = """\
 function auth_passdb_lookup(req)
@@ -206,7 +204,5 @@ def test_nextcloud_backend_error_is_temp_fail(nextcloud_authd: AuthdProcess, nex
         nextcloud.backend.broken = False
     assert done.returncode == 77
     assert "code=temp_fail" in done.stdout
-    event = nextcloud_authd.wait_for_log(
-        lambda e: e.get("event") == "lua.error" and "500" in str(e.get("message"))
-    )
+    event = nextcloud_authd.wait_for_log(lambda e: e.get("event") == "lua.error" and "500" in str(e.get("message")))
     assert event["message"] == "db-lua: Auth request returned 500 Internal Server Error for alice"

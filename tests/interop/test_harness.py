@@ -103,9 +103,7 @@ def test_wire_client_handshake_and_plain(ref_dovecot: ReferenceDovecot) -> None:
         assert wire.greeting[0] == "VERSION\t1\t2"
         assert wire.greeting[1:3] == ["MECH\tPLAIN\tplaintext", "MECH\tLOGIN\tplaintext"]
         assert [line.split("\t")[0] for line in wire.greeting[3:]] == ["SPID", "CUID", "COOKIE", "DONE"]
-        wire.send(
-            "VERSION\t1\t2", "CPID\t4242", f"AUTH\t1\tPLAIN\tservice=smtp\tno-penalty\tresp={ALICE_PLAIN}"
-        )
+        wire.send("VERSION\t1\t2", "CPID\t4242", f"AUTH\t1\tPLAIN\tservice=smtp\tno-penalty\tresp={ALICE_PLAIN}")
         assert wire.read_line() == "OK\t1\tuser=alice"
 
 
@@ -135,9 +133,7 @@ def test_wire_request_flow(ref_dovecot: ReferenceDovecot) -> None:
     ):
         assert login.greeting_value("SPID") == master.greeting_value("SPID")
         cookie = login.greeting_value("COOKIE")
-        login.send(
-            "VERSION\t1\t2", f"CPID\t{cpid}", f"AUTH\t1\tPLAIN\tservice=imap\tno-penalty\tresp={ALICE_PLAIN}"
-        )
+        login.send("VERSION\t1\t2", f"CPID\t{cpid}", f"AUTH\t1\tPLAIN\tservice=imap\tno-penalty\tresp={ALICE_PLAIN}")
         assert login.read_line() == "OK\t1\tuser=alice"
         master.send("VERSION\t1\t1", f"REQUEST\t7\t{cpid}\t1\t{cookie}")
         assert master.read_line() == "USER\t7\talice\tuid={}\tgid={}\tauth_mech=PLAIN".format(*mail_ids())
@@ -232,9 +228,7 @@ def test_route_a_lda_unknown_user(imap_route_a: DovecotImap) -> None:
 
 def test_route_a_runs_no_auth_process(imap_route_a: DovecotImap) -> None:
     assert imap_route_a.pid is not None
-    titles = [
-        Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in session_members(imap_route_a.pid)
-    ]
+    titles = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in session_members(imap_route_a.pid)]
     assert [title for title in titles if title.endswith(b"/log")], titles  # we do see its processes
     assert not [title for title in titles if title.endswith((b"/auth", b"/auth-worker"))], titles
 
@@ -246,9 +240,7 @@ def test_route_b_hands_listeners_to_the_command(imap_route_b: DovecotImap) -> No
     done = doveadm(None, "auth", "test", "-a", sock(imap_route_b, "auth-client"), "alice", "alicepass")
     assert done.returncode == 0, done
     log = imap_route_b.log_text()
-    for fd, name in enumerate(
-        ["login", "tokenlogin", "auth-login", "auth-client", "auth-userdb", "auth-master"], 7
-    ):
+    for fd, name in enumerate(["login", "tokenlogin", "auth-login", "auth-client", "auth-userdb", "auth-master"], 7):
         assert f"relay_auth: fd {fd} {name} " in log
 
 

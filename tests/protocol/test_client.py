@@ -347,3 +347,23 @@ def test_garbage_only_raises_peer_error(chunks: list[bytes]) -> None:
                     conn.begin(event.request_id)
     except PeerError:
         pass
+
+
+def test_line_by_line_keeps_immediate_fails_in_line_order() -> None:
+    """feed() + next_events(): a later line's immediate FAIL is queued only when that line is parsed."""
+    conn = connected()
+    conn.feed(b"AUTH\t1\tLOGIN\tservice=smtp\nAUTH\t2\tPLAIN\tservice=smtp\tresp=!!!\nCONT\t9\tAAAA\nAUTH\t3")
+    assert conn.next_events() == [AuthStarted(1, "LOGIN", Params(((b"service", b"smtp"),)))]
+    assert conn.data_to_send() == b""
+    assert conn.begin(1) == []
+    assert conn.next_events() == [RequestDropped(2, "Invalid base64 data in initial response")]
+    assert conn.next_events() == []
+    assert conn.next_events() is None  # "AUTH\t3" has no LF yet
+    assert conn.data_to_send() == (
+        b"CONT\t1\tVXNlcm5hbWU6\n"
+        b"FAIL\t2\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"
+        b"FAIL\t9\treason=Authentication request timed out\n"
+    )
+    conn.feed(b"\tPLAIN\n")
+    with pytest.raises(PeerError, match="didn't specify service"):
+        conn.next_events()

@@ -220,7 +220,8 @@ def scram_cases(conv: Conversation) -> None:
     conv.note(b"# malformed client-final messages")
     for final in (
         lambda without, proof: b"c=eSws," + without[7:] + b",p=" + proof,
-        lambda without, proof: without[:-1] + b"X,p=" + proof,
+        # a changed last nonce byte (not "X" to "X": the random nonce may end in X)
+        lambda without, proof: without[:-1] + (b"Y" if without.endswith(b"X") else b"X") + b",p=" + proof,
         lambda without, proof: without + b",p=" + proof[:-8] + b"====",
         lambda without, proof: without + b",p=" + proof + b",x=y",
         lambda without, proof: without + b",p=!!" + proof,
