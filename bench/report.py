@@ -130,7 +130,8 @@ def markdown(report: Report) -> str:
         for result in report.scenarios:
             sc = result.scenario
             cxk = f"{sc.connections}x{sc.depth}"
-            lines.append(_server_row(f"**{sc.name}**: {sc.title}", cxk, "authd", result.authd))
+            title = _with_delay(sc.title, o)
+            lines.append(_server_row(f"**{sc.name}**: {title}", cxk, "authd", result.authd))
             if result.dovecot is not None:
                 d, a = result.dovecot, result.authd
                 lines.append(_server_row(f"issue's Dovecot figure: {sc.reference}", "", "Dovecot", d))
@@ -160,6 +161,11 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_delay(text: str, options: Options) -> str:
+    """Scenario titles and target labels name the backend delay of the run."""
+    return text.replace("{delay}", f"{options.backend_delay * 1000:g}")
+
+
 def _summaries(report: Report) -> list[Summary]:
     return [s for r in report.scenarios for s in (r.authd, r.dovecot) if s is not None]
 
@@ -169,7 +175,7 @@ def _targets(report: Report) -> list[str]:
     for result in report.scenarios:
         for target in result.scenario.targets:
             measured, met = target.check(result.authd, result.dovecot)
-            rows.append(f"| {target.label} | {measured} | {_verdict(met)} |")
+            rows.append(f"| {_with_delay(target.label, report.options)} | {measured} | {_verdict(met)} |")
     if report.rss is not None:
         rss = report.rss
         dovecot = f" (Dovecot: {_num(rss.dovecot_mb)} MB)" if rss.dovecot_mb is not None else ""
@@ -188,7 +194,7 @@ def as_json(report: Report) -> dict[str, Any]:
         sc = result.scenario
         entry: dict[str, Any] = {
             "name": sc.name,
-            "title": sc.title,
+            "title": _with_delay(sc.title, report.options),
             "connections": sc.connections,
             "depth": sc.depth,
             "reference": sc.reference,
@@ -198,7 +204,8 @@ def as_json(report: Report) -> dict[str, Any]:
         }
         for target in sc.targets:
             measured, met = target.check(result.authd, result.dovecot)
-            entry["targets"].append({"label": target.label, "measured": measured, "met": met})
+            label = _with_delay(target.label, report.options)
+            entry["targets"].append({"label": label, "measured": measured, "met": met})
         scenarios.append(entry)
     return {
         "date": report.date,

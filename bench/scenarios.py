@@ -111,7 +111,7 @@ SCENARIOS = (
     ),
     Scenario(
         "http-pool",
-        "HTTP passdb, 20 ms backend, blocking=yes, 30 workers",
+        "HTTP passdb, {delay} ms backend, blocking=yes, 30 workers",
         "http_passdb.lua",
         blocking=True,
         connections=16,
@@ -121,7 +121,7 @@ SCENARIOS = (
     ),
     Scenario(
         "http-default",
-        "HTTP passdb, 20 ms backend, authd default settings (Dovecot blocking=yes, 30 workers)",
+        "HTTP passdb, {delay} ms backend, authd default settings (Dovecot blocking=yes, 30 workers)",
         "http_passdb.lua",
         blocking=True,
         connections=16,
@@ -130,9 +130,9 @@ SCENARIOS = (
         authd_defaults=True,
         http=True,
         targets=(
-            Target("HTTP 20 ms, authd defaults: throughput ≥ 3x Dovecot", "rate", 3.0),
-            Target("HTTP 20 ms, authd defaults: p99 ≤ 0.4x Dovecot", "p99_ms", 0.4, at_least=False),
-            Target("HTTP 20 ms, authd defaults: no request failing", "errors", 0),
+            Target("HTTP {delay} ms, authd defaults: throughput ≥ 3x Dovecot", "rate", 3.0),
+            Target("HTTP {delay} ms, authd defaults: p99 ≤ 0.4x Dovecot", "p99_ms", 0.4, at_least=False),
+            Target("HTTP {delay} ms, authd defaults: no request failing", "errors", 0),
         ),
     ),
     Scenario(
