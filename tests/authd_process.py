@@ -59,6 +59,8 @@ class AuthdProcess:
         return self.workdir / name
 
     def start(self, timeout: float = 60.0, wait_for: tuple[str, ...] = ("auth-client",)) -> None:
+        if self.popen is not None:
+            raise RuntimeError("authd is already started: stop it first (a second start would leak the first)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config)
         for name, text in self.scripts.items():

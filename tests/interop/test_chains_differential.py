@@ -200,8 +200,7 @@ def test_chain_matches_dovecot(workdir: Path, scenario: Scenario) -> None:
         expected = exchange(reference.socket("auth-client"), client, master=False)
         expected += exchange(reference.socket("auth-master"), master, master=True) if master else []
     authd = AuthdProcess(subdir(base, "authd"), config)
-    with running(f"authd {scenario.name}", authd):
-        authd.start(wait_for=("auth-client", "auth-master"))
+    with running(f"authd {scenario.name}", authd):  # start() waits for auth-client, opened with auth-master
         got = exchange(authd.socket("auth-client"), client, master=False)
         got += exchange(authd.socket("auth-master"), master, master=True) if master else []
     assert got == expected, "\n".join(
