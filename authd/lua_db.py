@@ -16,9 +16,9 @@ import trio
 
 from authd.auth_request import AuthRequest
 from authd.lua_bridge import DaemonScriptHost, expand_context, lua_request
-from authd.password_check import handle_credentials, password_missing, verify_password
+from authd.password_check import handle_credentials, password_missing, verify_password_off_loop
 from authd.passwords import split_scheme
-from lua_api.pool import ScriptPool, thread_executor
+from lua_api.pool import ScriptPool, adaptive_executor
 from lua_api.results import IterateResult, LookupResult, PassdbResult, UserdbResult
 from lua_api.runtime import StateOptions, run_in_loop
 from lua_api.script import Script, ScriptLoadError
@@ -63,7 +63,7 @@ class LuaScriptDb:
         self.cache_key_template: bytes | None = None
         self.environment = expand_context(dict(options.environment))
         options = replace(options, dialect=dialect, lua_settings=lua_settings)
-        run = thread_executor(limiter) if blocking else run_in_loop
+        run = adaptive_executor(limiter, options, str(path)) if blocking else run_in_loop
         self.pool = ScriptPool(
             path,
             DaemonScriptHost(str(path), debug=debug),
@@ -140,7 +140,7 @@ class LuaPassdb(LuaScriptDb):
                 self._log_failure(req, result, "passdb-lua")
             return result.code
         code, scheme, stored = await self.lookup(req)
-        if code == PassdbResult.OK and verify_password(req, password, stored, scheme or "PLAIN") <= 0:
+        if code == PassdbResult.OK and await verify_password_off_loop(req, password, stored, scheme or "PLAIN") <= 0:
             code = PassdbResult.PASSWORD_MISMATCH
         return code
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from authd.auth_request import AuthRequest, resolve_id
-from authd.password_check import handle_credentials, verify_password
+from authd.password_check import handle_credentials, verify_password_off_loop
 from authd.passwords import split_scheme
 from lua_api.results import IterateResult, PassdbResult, UserdbResult
 from lua_api.var_expand import VarExpandError
@@ -185,7 +185,7 @@ class PasswdFilePassdb:
         code, stored, scheme = self._save(req)
         if code != PassdbResult.OK:
             return code
-        if verify_password(req, password, stored, scheme) <= 0:
+        if await verify_password_off_loop(req, password, stored, scheme) <= 0:
             return PassdbResult.PASSWORD_MISMATCH
         return PassdbResult.OK
 

@@ -8,6 +8,7 @@ looked-up password into the credentials a mechanism asked for.
 from __future__ import annotations
 
 import structlog
+import trio
 
 from authd.auth_request import AuthRequest
 from authd.passwords import SchemeNotAvailable, credentials, verify
@@ -32,6 +33,34 @@ def verify_password(
     if result.code == 0 and log_mismatch:
         log.info("auth.password_mismatch", message="Password mismatch", **req.log_context())
     return result.code
+
+
+#: Schemes whose verification takes milliseconds or more (key stretching, rounds).
+#: CRYPT may be any crypt(3) hash, bcrypt and SHA-crypt included.
+SLOW_SCHEMES = frozenset(
+    {
+        "CRYPT",
+        "MD5-CRYPT",
+        "SHA256-CRYPT",
+        "SHA512-CRYPT",
+        "BLF-CRYPT",
+        "ARGON2I",
+        "ARGON2ID",
+        "PBKDF2",
+        "SCRAM-SHA-1",
+        "SCRAM-SHA-256",
+    }
+)
+
+
+async def verify_password_off_loop(req: AuthRequest, plain: bytes, stored: bytes | None, scheme: str) -> int:
+    """verify_password, in a worker thread for slow schemes: a bcrypt hash costs about
+    0.1-0.3 s of CPU, which must not stall every other request (Dovecot verifies a
+    blocking passdb's passwords in its auth workers)."""
+    base = scheme.upper().partition(".")[0]
+    if base not in SLOW_SCHEMES or req.skip_password_check or b"nopassword" in req.extra_fields:
+        return verify_password(req, plain, stored, scheme)
+    return await trio.to_thread.run_sync(verify_password, req, plain, stored, scheme)
 
 
 def password_missing(req: AuthRequest) -> int:

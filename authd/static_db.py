@@ -12,7 +12,7 @@ from typing import Protocol
 import structlog
 
 from authd.auth_request import AuthRequest
-from authd.password_check import handle_credentials, password_missing, verify_password
+from authd.password_check import handle_credentials, password_missing, verify_password_off_loop
 from authd.passwords import split_scheme
 from authd.templates import export_passdb, export_userdb, parse_template, remove
 from lua_api.results import PassdbResult, UserdbResult
@@ -53,7 +53,7 @@ class StaticPassdb:
         code, stored, scheme = self._save_fields(req)
         if code != PassdbResult.OK:
             return code
-        if verify_password(req, password, stored, scheme) <= 0:
+        if await verify_password_off_loop(req, password, stored, scheme) <= 0:
             return PassdbResult.PASSWORD_MISMATCH
         return PassdbResult.OK
 

@@ -29,7 +29,7 @@ from typing import TypeVar
 import structlog
 import trio
 
-from lua_api.runtime import Executor, LuaState, ScriptHost, StateOptions, run_in_loop
+from lua_api.runtime import AdaptiveExecutor, Executor, LuaState, ScriptHost, StateOptions, run_in_loop
 from lua_api.script import Script, ScriptLoadError, read_script
 from lua_api.threads import runner_for
 
@@ -41,6 +41,14 @@ REBUILD_DELAY = 1.0
 REBUILD_MAX_DELAY = 60.0
 
 log = structlog.get_logger("lua_api")
+
+
+def adaptive_executor(limiter: trio.CapacityLimiter, options: StateOptions, name: str) -> Executor:
+    """blocking = true: calls in the event loop until the script may block (Lua 5.3/5.4),
+    then in worker threads; on Lua 5.1 and LuaJIT, which cannot move a call, always threads."""
+    if options.version in ("5.4", "5.3"):
+        return AdaptiveExecutor(runner_for(limiter), name)
+    return runner_for(limiter)
 
 
 def thread_executor(limiter: trio.CapacityLimiter) -> Executor:
@@ -137,6 +145,12 @@ class ScriptPool:
             state.slice_lock = trio.Lock()
         script = Script(self.path, state)
         await script.load(self.run, self._source)
+        if type(self.run) is AdaptiveExecutor:
+            run = self.run
+            state.on_blocking = lambda what: run.to_threads(f"the script called {what} where a call cannot move")
+            seen = state.blocking_seen()
+            if seen is not None:
+                run.to_threads(f"loading the script called {seen}")
         return script
 
     def _new_state(self) -> LuaState:

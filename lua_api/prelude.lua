@@ -28,6 +28,93 @@ if os then
   end
 end
 
+-- Calls driven by authd (coroutines it may resume elsewhere), by coroutine.
+local drivers = setmetatable({}, {__mode = "k"})
+local isyieldable = coroutine.isyieldable
+
+---------------------------------------------------------------------------
+-- Scripts of a blocking = true db start out running in authd's event loop; what may
+-- block the calling thread (a C module's functions, io.popen, os.execute, io.read,
+-- req:password_verify) first moves the call to a worker thread, and the script with
+-- it from then on (lua_api.runtime.AdaptiveExecutor). `on_loop` is set by authd.
+local on_loop = false
+local blocking_seen = nil  -- the first such function called, for authd to read after loading
+
+local function may_block(what)
+  if blocking_seen == nil then blocking_seen = what end
+  if not on_loop then return end
+  local running = coroutine.running()
+  if isyieldable and drivers[running] and isyieldable() then
+    coroutine.yield("io", "thread", what)  -- authd resumes this call in a worker thread
+  else
+    host.run_in_threads(what)  -- cannot move now (a C boundary): later calls will
+  end
+end
+
+local function set_on_loop(flag)
+  on_loop = flag
+end
+
+local function get_blocking_seen()
+  return blocking_seen
+end
+
+local function watch_function(lib, name, what)
+  local f = lib and rawget(lib, name)
+  if type(f) == "function" then
+    lib[name] = function(...)
+      may_block(what)
+      return f(...)
+    end
+  end
+end
+watch_function(io, "popen", "io.popen")
+watch_function(io, "read", "io.read")
+watch_function(os, "execute", "os.execute")
+
+-- C modules that only compute: their functions stay in the event loop.
+local NON_BLOCKING_C_MODULES = {
+  ["cjson"] = true, ["cjson.safe"] = true, ["lpeg"] = true, ["mime.core"] = true,
+  ["struct"] = true, ["bit32"] = true, ["lua-utf8"] = true, ["lfs"] = true,
+}
+
+-- Every function of a C module's table (and of its sub-tables) calls may_block first.
+local function watch_module(name, module)
+  if type(module) ~= "table" or NON_BLOCKING_C_MODULES[name] then return module end
+  local seen = {[_G] = true, [package] = true, [package.loaded] = true}
+  local function watch(t, prefix, depth)
+    if seen[t] then return end
+    seen[t] = true
+    for key, value in pairs(t) do
+      if type(value) == "function" then
+        watch_function(t, key, prefix .. tostring(key))
+      elseif type(value) == "table" and depth < 2 then
+        watch(value, prefix .. tostring(key) .. ".", depth + 1)
+      end
+    end
+  end
+  watch(module, name .. ".", 1)
+  return module
+end
+
+do
+  local searchers = package.searchers or package.loaders
+  for i = 3, 4 do  -- the C library searchers
+    local search = searchers[i]
+    if type(search) == "function" then
+      searchers[i] = function(name, ...)
+        local loader, extra = search(name, ...)
+        if type(loader) ~= "function" then return loader, extra end
+        return function(...)
+          local module = loader(...)
+          if module == nil then module = package.loaded[name] end
+          return watch_module(name, module)
+        end, extra
+      end
+    end
+  end
+end
+
 -- DLUA_REQUIRE_ARGS: Dovecot's own errors (its luaL_error) carry no position.
 local function check_args(n, expected)
   if n ~= expected then
@@ -509,6 +596,7 @@ function request_methods.password_verify(req, crypted, plain)
     if type(crypted) ~= "string" then error("Crypted password must not be nil", 0) end
     if type(plain) ~= "string" then error("Plain password must not be nil", 0) end
   end
+  may_block("req:password_verify")  -- slow hashes (bcrypt, argon2) must not stall the loop
   local rc, err = host.password_verify(item, crypted, plain)
   return rc + 0.0, err
 end
@@ -571,14 +659,12 @@ end
 ---------------------------------------------------------------------------
 -- I/O from scripts (HTTP, DNS): yield to authd's event loop when the call runs
 -- as authd's coroutine and may yield here; otherwise block this thread.
-local drivers = setmetatable({}, {__mode = "k"})
-local isyieldable = coroutine.isyieldable
-
 local function yield_io(kind, payload)
   local running = coroutine.running()
   if isyieldable and drivers[running] and isyieldable() then
     return coroutine.yield("io", kind, payload)
   end
+  if on_loop then host.run_in_threads(kind .. " I/O") end  -- it blocks the loop this once
   return host.io_blocking(kind, payload)
 end
 
@@ -778,6 +864,8 @@ return {
   resume = resume,
   abandon = abandon,
   yield_io = yield_io,
+  set_on_loop = set_on_loop,
+  blocking_seen = get_blocking_seen,
   globals_restricted = globals_restricted,
   cache_key_hook = cache_key_hook,
   passthrough_leak = passthrough_leak,

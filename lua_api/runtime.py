@@ -188,6 +188,7 @@ class LuaState:
                 b"var_expand": self._var_expand,
                 b"response_from_template": self._response_from_template,
                 b"io_blocking": self._io_blocking,
+                b"run_in_threads": self._run_in_threads,
                 b"request_var": LuaRequest.lua_var,
                 b"request_field": LuaRequest.field,
                 b"request_var_names": self.lua.table_from(list(VARS_24 if options.dialect == "2.4" else LUA_FIELDS_23)),
@@ -224,6 +225,11 @@ class LuaState:
         #: when one starts to (lua_api.pool grows for them).
         self.io_waits = 0
         self.on_io_wait: Callable[[], None] | None = None
+        #: Whether the prelude's may_block() moves calls off the event loop (see
+        #: AdaptiveExecutor), and whom to tell when a call could not move.
+        self.on_loop = False
+        self.on_blocking: Callable[[str], None] | None = None
+        self._set_on_loop = api[b"set_on_loop"]
 
     # --- environment -------------------------------------------------------------
 
@@ -278,6 +284,21 @@ class LuaState:
     def _set_limit(self, on: bool) -> None:
         """guard.lua: apply [lua] max_memory while script code runs, lift it otherwise."""
         self.lua.set_max_memory(self.options.max_memory if on else 0)
+
+    def set_on_loop(self, flag: bool) -> None:
+        """Tell the prelude whether the next slices run in the event loop (between slices only)."""
+        if flag != self.on_loop:
+            self.on_loop = flag
+            self._set_on_loop(flag)
+
+    def blocking_seen(self) -> str | None:
+        """What first called may_block() in this state (loading included), if anything did."""
+        what = self.api[b"blocking_seen"]()
+        return what.decode("utf-8", "replace") if isinstance(what, bytes) else None
+
+    def _run_in_threads(self, what: bytes) -> None:
+        if self.on_blocking is not None:
+            self.on_blocking(what.decode("utf-8", "replace"))
 
     def _io_blocking(self, kind: bytes, payload: Any) -> Any:
         ext = self.extensions.get(kind)
@@ -411,6 +432,55 @@ async def run_in_loop(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
+#: CPU seconds one slice of a call may take in the event loop before AdaptiveExecutor
+#: sends the script's later calls to worker threads.
+INLINE_SLICE_LIMIT = 0.005
+
+
+class AdaptiveExecutor:
+    """blocking = true without the thread hand-offs, for scripts that never block.
+
+    Dovecot runs blocking passdbs in worker processes so that a script stuck in a
+    socket read holds only its worker. Most scripts never block by themselves: their
+    HTTP and DNS calls yield to the event loop. So calls start in the event loop, and
+    the script moves to worker threads for good (its calls, here `runner`) as soon as
+    it does something that may block: a C module function (LuaSocket, ...), io.popen,
+    os.execute, io.read, req:password_verify, either while loading or in a call (the
+    call then continues in a thread), or a slice that runs Lua longer than
+    INLINE_SLICE_LIMIT. Loading and script_deinit always run in threads.
+    """
+
+    def __init__(self, runner: ThreadRunner, name: str) -> None:
+        self.runner = runner
+        self.name = name
+        self.inline = True
+
+    async def __call__(self, fn: Callable[[], Any]) -> Any:
+        return await self.runner(fn)
+
+    def to_threads(self, reason: str) -> None:
+        if self.inline:
+            self.inline = False
+            log.info("lua.threads", script=self.name, message=f"calls run in worker threads from now on: {reason}")
+
+
+def _inline(run: Executor) -> bool:
+    return run is run_in_loop or (type(run) is AdaptiveExecutor and run.inline)
+
+
+def _timed(state: LuaState, run: Executor, fn: Callable[[], Any]) -> Any:
+    """An inline slice; one that ran too long sends an adaptive script to threads."""
+    if type(run) is not AdaptiveExecutor:
+        return _guarded(state, fn)
+    started = time.thread_time()  # CPU time: waiting for the GIL is not the script's doing
+    try:
+        return _guarded(state, fn)
+    finally:
+        took = time.thread_time() - started
+        if took > INLINE_SLICE_LIMIT:
+            run.to_threads(f"a slice took {took * 1000:.1f} ms of CPU in the event loop")
+
+
 def _guarded(state: LuaState, fn: Callable[[], Any]) -> Any:
     """Run a slice; a LuaError here is the machinery's (out of memory in lupa's pushes)."""
     try:
@@ -428,6 +498,8 @@ async def _slice(state: LuaState, run: Executor, fn: Callable[[], Any], deadline
     while the thread is inside the state, the state is marked "stuck": it is never
     touched again, and the thread finishes whenever its C call returns.
     """
+    if type(run) is AdaptiveExecutor:
+        run = run.runner
     assert isinstance(run, ThreadRunner)
     lock = state.slice_lock
     if lock is not None:
@@ -485,9 +557,11 @@ async def drive(
         return state.begin(lua_deadline, target, mode, argv)
 
     deadline = trio.current_time() + timeout if timeout > 0 else math.inf
-    inline = run is run_in_loop
+    inline = _inline(run)
+    if type(run) is AdaptiveExecutor:
+        state.set_on_loop(inline)
     if inline:
-        started = _guarded(state, first)
+        started = _timed(state, run, first)
     else:
         started = await _slice(state, run, first, deadline)
     handle: Any = None
@@ -531,6 +605,13 @@ async def _io(state: LuaState, run: Executor, handle: Any, out: Slice, deadline:
         with trio.move_on_at(deadline):
             while current is not None and current[0] == b"io":
                 kind, payload = current[1], current[2]
+                if kind == b"thread" and type(run) is AdaptiveExecutor:
+                    # may_block() in an event-loop slice: go on in a worker thread
+                    run.to_threads(f"the script called {payload.decode('utf-8', 'replace')}")
+                    state.set_on_loop(False)
+                    inline = False
+                    current = await _slice(state, run, functools.partial(state.step, handle, None), deadline)
+                    continue
                 ext = state.extensions.get(kind)
                 if ext is None:
                     state.abandon(handle)
@@ -543,8 +624,11 @@ async def _io(state: LuaState, run: Executor, handle: Any, out: Slice, deadline:
                 finally:
                     state.io_waits -= 1
                 resume = functools.partial(state.step, handle, result)
+                if inline and not _inline(run):  # the script moved to threads meanwhile
+                    inline = False
+                    state.set_on_loop(False)
                 if inline:
-                    current = _guarded(state, resume)
+                    current = _timed(state, run, resume)
                 else:
                     current = await _slice(state, run, resume, deadline)
     except BaseException:
