@@ -19,10 +19,12 @@ service, and lua_api.pool replaces it.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -432,9 +434,28 @@ async def run_in_loop(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-#: CPU seconds one slice of a call may take in the event loop before AdaptiveExecutor
-#: sends the script's later calls to worker threads.
+#: CPU seconds one slice of a call may take in the event loop (Python's garbage
+#: collections not counted), and how many slices may take longer, before
+#: AdaptiveExecutor sends the script's calls to worker threads.
 INLINE_SLICE_LIMIT = 0.005
+SLOW_SLICES_ALLOWED = 2
+
+
+class _GcClock(threading.local):
+    """CPU seconds this thread spent in Python's garbage collector (gc.callbacks)."""
+
+    spent = 0.0
+    started = 0.0
+
+
+_gc_clock = _GcClock()
+
+
+def _count_gc(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_clock.started = time.thread_time()
+    else:
+        _gc_clock.spent += time.thread_time() - _gc_clock.started
 
 
 class AdaptiveExecutor:
@@ -454,6 +475,9 @@ class AdaptiveExecutor:
         self.runner = runner
         self.name = name
         self.inline = True
+        self.slow_slices = 0
+        if _count_gc not in gc.callbacks:
+            gc.callbacks.append(_count_gc)
 
     async def __call__(self, fn: Callable[[], Any]) -> Any:
         return await self.runner(fn)
@@ -472,13 +496,19 @@ def _timed(state: LuaState, run: Executor, fn: Callable[[], Any]) -> Any:
     """An inline slice; one that ran too long sends an adaptive script to threads."""
     if type(run) is not AdaptiveExecutor:
         return _guarded(state, fn)
-    started = time.thread_time()  # CPU time: waiting for the GIL is not the script's doing
+    # CPU time: waiting for the GIL, or a garbage collection, is not the script's doing
+    started, collecting = time.thread_time(), _gc_clock.spent
     try:
         return _guarded(state, fn)
     finally:
-        took = time.thread_time() - started
+        took = time.thread_time() - started - (_gc_clock.spent - collecting)
         if took > INLINE_SLICE_LIMIT:
-            run.to_threads(f"a slice took {took * 1000:.1f} ms of CPU in the event loop")
+            run.slow_slices += 1
+            if run.slow_slices > SLOW_SLICES_ALLOWED:
+                run.to_threads(
+                    f"{run.slow_slices} slices took over {INLINE_SLICE_LIMIT * 1000:g} ms of CPU each "
+                    f"in the event loop, the last {took * 1000:.1f} ms"
+                )
 
 
 def _guarded(state: LuaState, fn: Callable[[], Any]) -> Any:
