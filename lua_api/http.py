@@ -1432,8 +1432,13 @@ async def send_request(pool: ConnectionPool, settings: ClientSettings, request: 
 # --- the extension ----------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _check_url(url: bytes) -> tuple[HttpUrl | None, bytes | None, bytes | None]:
-    """For http.lua: the parsed URL, or why Dovecot rejects it; and why it would crash sending it."""
+    """For http.lua: the parsed URL, or why Dovecot rejects it; and why it would crash sending it.
+
+    Cached: scripts request the same few URLs (per user at most) again and again, and
+    an HttpUrl is immutable (its derived forms are computed once, on first use).
+    """
     try:
         parsed = parse_http_url(url, allow_userinfo=True)
     except UrlError as exc:

@@ -434,15 +434,20 @@ async def run_in_loop(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-#: CPU seconds one slice of a call may take in the event loop (Python's garbage
-#: collections not counted), and how many slices may take longer, before
-#: AdaptiveExecutor sends the script's calls to worker threads.
+#: Seconds one slice of a call may take in the event loop (Python's garbage
+#: collections not counted), and how many slices (within SLOW_SLICES_WINDOW) may
+#: take longer, before AdaptiveExecutor sends the script's calls to worker threads.
 INLINE_SLICE_LIMIT = 0.005
 SLOW_SLICES_ALLOWED = 2
 
 
+#: Slices after which the count of slow ones starts again (a hiccup now and then
+#: must not add up over days).
+SLOW_SLICES_WINDOW = 10_000
+
+
 class _GcClock(threading.local):
-    """CPU seconds this thread spent in Python's garbage collector (gc.callbacks)."""
+    """Seconds this thread spent in Python's garbage collector (gc.callbacks)."""
 
     spent = 0.0
     started = 0.0
@@ -453,9 +458,9 @@ _gc_clock = _GcClock()
 
 def _count_gc(phase: str, info: dict[str, Any]) -> None:
     if phase == "start":
-        _gc_clock.started = time.thread_time()
+        _gc_clock.started = time.perf_counter()
     else:
-        _gc_clock.spent += time.thread_time() - _gc_clock.started
+        _gc_clock.spent += time.perf_counter() - _gc_clock.started
 
 
 class AdaptiveExecutor:
@@ -467,7 +472,7 @@ class AdaptiveExecutor:
     the script moves to worker threads for good (its calls, here `runner`) as soon as
     it does something that may block: a C module function (LuaSocket, ...), io.popen,
     os.execute, io.read, req:password_verify, either while loading or in a call (the
-    call then continues in a thread), or a slice that runs Lua longer than
+    call then continues in a thread), or when its slices keep running longer than
     INLINE_SLICE_LIMIT. Loading and script_deinit always run in threads.
     """
 
@@ -475,12 +480,21 @@ class AdaptiveExecutor:
         self.runner = runner
         self.name = name
         self.inline = True
+        self.slices = 0
         self.slow_slices = 0
         if _count_gc not in gc.callbacks:
             gc.callbacks.append(_count_gc)
 
     async def __call__(self, fn: Callable[[], Any]) -> Any:
         return await self.runner(fn)
+
+    def slow_slice(self, took: float) -> None:
+        self.slow_slices += 1
+        if self.slow_slices > SLOW_SLICES_ALLOWED:
+            self.to_threads(
+                f"{self.slow_slices} slices took over {INLINE_SLICE_LIMIT * 1000:g} ms each "
+                f"in the event loop, the last {took * 1000:.1f} ms"
+            )
 
     def to_threads(self, reason: str) -> None:
         if self.inline:
@@ -493,22 +507,24 @@ def _inline(run: Executor) -> bool:
 
 
 def _timed(state: LuaState, run: Executor, fn: Callable[[], Any]) -> Any:
-    """An inline slice; one that ran too long sends an adaptive script to threads."""
+    """An inline slice; slices that run too long send an adaptive script to threads.
+
+    Wall time, minus Python's garbage collections (not the script's doing): a CPU
+    clock would cost a system call per slice, and an inline slice rarely waits for
+    the GIL, which a few allowed slow slices absorb.
+    """
     if type(run) is not AdaptiveExecutor:
         return _guarded(state, fn)
-    # CPU time: waiting for the GIL, or a garbage collection, is not the script's doing
-    started, collecting = time.thread_time(), _gc_clock.spent
+    started, collecting = time.perf_counter(), _gc_clock.spent
     try:
         return _guarded(state, fn)
     finally:
-        took = time.thread_time() - started - (_gc_clock.spent - collecting)
+        took = time.perf_counter() - started - (_gc_clock.spent - collecting)
         if took > INLINE_SLICE_LIMIT:
-            run.slow_slices += 1
-            if run.slow_slices > SLOW_SLICES_ALLOWED:
-                run.to_threads(
-                    f"{run.slow_slices} slices took over {INLINE_SLICE_LIMIT * 1000:g} ms of CPU each "
-                    f"in the event loop, the last {took * 1000:.1f} ms"
-                )
+            run.slow_slice(took)
+        run.slices += 1
+        if run.slices >= SLOW_SLICES_WINDOW:
+            run.slices = run.slow_slices = 0
 
 
 def _guarded(state: LuaState, fn: Callable[[], Any]) -> Any:

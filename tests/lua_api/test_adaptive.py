@@ -105,7 +105,7 @@ async def test_calls_that_never_block_stay_in_the_event_loop(tmp_path: Path) -> 
     [
         (b"execute", "the script called os.execute"),
         (b"verify", "the script called req:password_verify"),
-        (b"busy", "3 slices took over 5 ms of CPU each in the event loop"),
+        (b"busy", "3 slices took over 5 ms each in the event loop"),
         (b"gsub", "the script called sleep I/O where a call cannot move"),
     ],
 )
