@@ -68,7 +68,6 @@ local function watch_function(lib, name, what)
     end
   end
 end
-watch_function(io, "popen", "io.popen")
 watch_function(io, "read", "io.read")
 watch_function(os, "execute", "os.execute")
 
@@ -865,6 +864,7 @@ return {
   abandon = abandon,
   yield_io = yield_io,
   set_on_loop = set_on_loop,
+  may_block = may_block,
   blocking_seen = get_blocking_seen,
   globals_restricted = globals_restricted,
   cache_key_hook = cache_key_hook,

@@ -36,6 +36,7 @@ import structlog
 import trio
 
 from lua_api import library
+from lua_api.popen import run_shell
 from lua_api.request import LuaRequest
 from lua_api.request_vars import LUA_FIELDS_23, VARS_24
 from lua_api.threads import GAVE_UP, STILL_RUNNING, ThreadRunner
@@ -148,6 +149,7 @@ class LuaCallError(Exception):
 #: Read once at import: a service that drops privileges later may not read it again.
 _PRELUDE = resources.files("lua_api").joinpath("prelude.lua").read_bytes()
 _GUARD = resources.files("lua_api").joinpath("guard.lua").read_bytes()
+_POPEN = resources.files("lua_api").joinpath("popen.lua").read_bytes()
 
 #: VM instructions between two looks at the clock by a call's debug hook: about a
 #: millisecond of pure Lua, so the Python call it makes costs nothing noticeable.
@@ -207,6 +209,7 @@ class LuaState:
             }
         )
         self.lua.execute(_GUARD, self.api, guard_host, name="=authd-guard")
+        self.lua.execute(_POPEN, self.api[b"may_block"], self._run_shell, name="=authd-popen")
         self._set_package_paths()
         self._restrict_environment()
         for ext in options.extensions:
@@ -297,6 +300,9 @@ class LuaState:
         """What first called may_block() in this state (loading included), if anything did."""
         what = self.api[b"blocking_seen"]()
         return what.decode("utf-8", "replace") if isinstance(what, bytes) else None
+
+    def _run_shell(self, command: bytes, stdin: bytes | None) -> tuple[bytes, bytes, int]:
+        return run_shell(command, stdin, self.options.environment, self.options.call_timeout)
 
     def _run_in_threads(self, what: bytes) -> None:
         if self.on_blocking is not None:

@@ -27,6 +27,8 @@ function auth_passdb_lookup(req)
   dovecot.i_info("before")
   if req.user == "execute" then
     os.execute("true")
+  elseif req.user == "popen" then
+    io.popen("echo hi"):read("a")
   elseif req.user == "verify" then
     req:password_verify("{PLAIN}x", "x")
   elseif req.user == "busy" then
@@ -104,6 +106,7 @@ async def test_calls_that_never_block_stay_in_the_event_loop(tmp_path: Path) -> 
     ("user", "reason"),
     [
         (b"execute", "the script called os.execute"),
+        (b"popen", "the script called io.popen"),
         (b"verify", "the script called req:password_verify"),
         (b"busy", "3 slices took over 5 ms each in the event loop"),
         (b"gsub", "the script called sleep I/O where a call cannot move"),
