@@ -111,6 +111,8 @@ def _c_string(data: bytes) -> bytes:
 
 def _ascii_upper(name: str) -> str:
     """Dovecot upper-cases with toupper(), which leaves non-ASCII bytes alone (unlike str.upper)."""
+    if name.isascii():
+        return name.upper()
     return "".join(char.upper() if char.isascii() else char for char in name)
 
 
