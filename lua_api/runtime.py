@@ -163,6 +163,13 @@ STUCK_GRACE = 1.0
 log = structlog.get_logger("lua_api")
 
 
+def _no_attributes(obj: Any, name: Any, is_setting: bool) -> Any:
+    """lupa's attribute_filter: scripts hold a few Python objects (the request's item,
+    callables) but must not walk from them into authd (obj.__class__.__init__.__globals__)."""
+    attribute = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    raise AttributeError(f"a script cannot read or set attributes of authd's Python objects (.{attribute})")
+
+
 class LuaState:
     """A Lua state prepared like Dovecot's: stdlib, dovecot table, request support."""
 
@@ -182,6 +189,7 @@ class LuaState:
             register_eval=False,
             register_builtins=False,
             max_memory=0,
+            attribute_filter=_no_attributes,
         )
         self.extensions = {ext.kind: ext for ext in options.extensions}
         host_table = self.lua.table_from(

@@ -431,6 +431,17 @@ async def test_python_exceptions_become_lua_errors(script_path: Path) -> None:
     assert (await lookup(script, "alice")).code == PassdbResult.OK
 
 
+async def test_scripts_cannot_walk_into_python(script_path: Path) -> None:
+    # req.item is a Python object: its attributes would lead to every module of the daemon
+    script = await load(script_path)
+    script.state.lua.globals()[b"req_item_attribute"] = script.state.lua.eval(
+        b"function(req) return req.item.__class__.__init__.__globals__ end"
+    )
+    result = await lookup(script, "python_error")
+    assert result.code == PassdbResult.INTERNAL_FAILURE
+    assert "a script cannot read or set attributes of authd's Python objects (.__class__)" in result.error
+
+
 # --- what would abort or deadlock the process: in a subprocess ------------------------------
 
 CHILD = """\
