@@ -103,6 +103,9 @@ class ClientConnection:
     async def _read_loop(self) -> None:
         while True:
             try:
+                await self._outbox.throttle()  # a peer that does not read is not read from
+                if self._outbox.broken:
+                    return  # it stopped reading for good
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return

@@ -101,6 +101,9 @@ class MasterConnection:
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
             try:
+                await self._outbox.throttle()  # a peer that does not read is not read from
+                if self._outbox.broken:
+                    return  # it stopped reading for good
                 data = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return

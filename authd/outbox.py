@@ -13,6 +13,11 @@ from collections.abc import Callable
 
 import trio
 
+#: Dovecot's OUTBUF_THROTTLE_SIZE: while a peer has this many bytes of replies unsent
+#: (it does not read them), its connection is not read from, so it cannot make authd
+#: buffer without bounds.
+THROTTLE_SIZE = 50 * 1024
+
 
 class Outbox:
     """Queues bytes for one stream; `run()` is the only task that writes to it.
@@ -26,6 +31,9 @@ class Outbox:
         self._pending = pending
         self._queued = bytearray()
         self._lot = trio.lowlevel.ParkingLot()
+        #: Readers waiting in throttle(), and the bytes the writer is sending right now.
+        self._space = trio.lowlevel.ParkingLot()
+        self._unsent = 0
         self._closing = False
         self._done = trio.Event()
         #: The peer stopped reading (or the stream was closed): nothing is sent any more.
@@ -44,6 +52,14 @@ class Outbox:
         self._queued += data
         self.wake()
 
+    async def throttle(self) -> None:
+        """Wait while THROTTLE_SIZE bytes or more wait for the peer to read them."""
+        while not self.broken and not self._closing:
+            self._queued += self._pending()
+            if self._unsent + len(self._queued) < THROTTLE_SIZE:
+                return
+            await self._space.park()
+
     def _take(self) -> bytes:
         if not self._queued:
             return self._pending()
@@ -58,16 +74,21 @@ class Outbox:
             while True:
                 data = self._take()
                 if data:
+                    self._unsent = len(data)
                     try:
                         await self._stream.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         self.broken = True
                         return
+                    self._unsent = 0
+                    if self._space:
+                        self._space.unpark_all()
                 elif self._closing:
                     return
                 else:
                     await self._lot.park()
         finally:
+            self._space.unpark_all()
             self._done.set()
 
     async def drain(self) -> None:

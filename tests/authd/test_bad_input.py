@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -120,6 +121,38 @@ def test_many_broken_clients_do_not_hurt(reference_authd: AuthdProcess) -> None:
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(str(reference_authd.socket("auth-client")))
         sock.sendall(os.urandom(512))
+        sock.close()
+    assert_still_serving(reference_authd)
+
+
+def test_a_client_that_never_reads_cannot_make_authd_buffer_without_bound(reference_authd: AuthdProcess) -> None:
+    # Each AUTH gets an immediate FAIL (invalid base64). authd stops reading a client once 50 KiB of its
+    # replies wait unsent (Dovecot's OUTBUF_THROTTLE_SIZE), so the client's writes stall
+    # after little more than the sockets' buffers; without that they would go on for as
+    # long as authd can parse requests.
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(reference_authd.socket("auth-client")))
+    sock.setblocking(False)
+    line = b"AUTH\t%d\tPLAIN\tservice=imap\tresp=!!!!\n"  # bad base64: an immediate FAIL
+    written, request_id = 0, 1
+    batch = b"VERSION\t1\t2\nCPID\t4242\n"
+    deadline = time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline and written < 32_000_000:
+            batch += b"".join(line % i for i in range(request_id, request_id + 1000))
+            request_id += 1000
+            _, writable, _ = select.select([], [sock], [], 0.5)
+            if not writable:
+                break  # authd stopped reading
+            try:
+                sent = sock.send(batch)
+            except BlockingIOError:
+                continue
+            written += sent
+            batch = batch[sent:]
+        assert written < 8_000_000, f"authd read {written} bytes from a client that reads nothing"
+        assert_still_serving(reference_authd)
+    finally:
         sock.close()
     assert_still_serving(reference_authd)
 

@@ -111,3 +111,55 @@ async def test_a_broken_stream_stops_the_writer_quietly() -> None:
     assert outbox.broken
     outbox.send(b"ignored\n")
     assert stream.sends == []
+
+
+class Stuck(Recorder):
+    """A peer that reads nothing until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.release.wait()
+        await super().send_all(data)
+
+
+async def test_a_peer_that_does_not_read_is_not_read_from() -> None:
+    stream, queue = Stuck(), Queue()
+    outbox = Outbox(stream, queue.take)
+    throttled = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run)
+        queue.out += b"x" * 30_000
+        outbox.wake()
+        await trio.testing.wait_all_tasks_blocked()
+        await outbox.throttle()  # 30 000 bytes unsent: still below Dovecot's 50 KiB
+        queue.out += b"y" * 30_000  # 60 000 now
+
+        async def reader() -> None:
+            await outbox.throttle()
+            throttled.append("read again")
+
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert throttled == []
+        stream.release.set()  # the peer reads
+        await trio.testing.wait_all_tasks_blocked()
+        assert throttled == ["read again"]
+        await outbox.drain()
+    assert b"".join(stream.sends) == b"x" * 30_000 + b"y" * 30_000
+
+
+async def test_a_broken_peer_releases_the_reader() -> None:
+    stream, queue = Stuck(), Queue()
+    outbox = Outbox(stream, queue.take)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run)
+        queue.out += b"x" * 60_000
+        outbox.wake()
+        nursery.start_soon(outbox.throttle)
+        await trio.testing.wait_all_tasks_blocked()
+        stream.broken = True
+        stream.release.set()
+    assert outbox.broken
