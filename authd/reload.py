@@ -118,11 +118,13 @@ class ScriptWatcher:
         return {path: stamp(path) for path in self.files()}
 
     def reset(self) -> None:
-        """Take the files as they are now as the baseline (after any reload)."""
+        """Take the files as they are now as the baseline: call it before loading them,
+        so that an edit made while they load is seen as one."""
         self.seen = self.snapshot()
 
     async def run(self) -> None:
-        self.reset()
+        if not self.seen:  # normally taken before the scripts were loaded
+            self.reset()
         previous = self.seen
         while True:
             await trio.sleep(self.interval)

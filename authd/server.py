@@ -36,7 +36,7 @@ from authd.master_conn import MasterConnection, auth_token
 from authd.metrics import Metrics, serve_metrics
 from authd.passdb import PassdbChain
 from authd.penalty import PenaltyTracker
-from authd.reload import Generation, ScriptWatcher, script_files
+from authd.reload import Generation, ScriptWatcher, script_files, stamp
 from authd.userdb import UserdbChain
 from config import ConfigError, load_config
 from config.schema import CacheSettings, Config, ListenerSettings, MetricsSettings
@@ -253,6 +253,7 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Load scripts, open listeners and serve until cancelled or signalled."""
+        self.watcher.reset()
         await self.load()
         try:
             self.listeners = self._open_listeners()
@@ -355,6 +356,7 @@ class Server:
         if config.cache != self.config.cache:
             self.cache = _new_cache(config.cache)
         new = self._build_generation(config)
+        baseline = {path: stamp(path) for path in script_files(config)}  # before loading: see edits made meanwhile
         try:
             await new.start()
             opened = self._open_added_listeners(config) if self._listeners_from_config else []
@@ -378,10 +380,9 @@ class Server:
             await self._switch_listeners(config, opened)
         if config.metrics != old_config.metrics:
             await self._start_metrics(config.metrics)
+        self.watcher.seen = baseline
         if config.reload != old_config.reload:
             self._start_watching()
-        else:
-            self.watcher.reset()
         log.info(
             "reload.done",
             reason=reason,

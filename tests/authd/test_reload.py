@@ -240,3 +240,22 @@ def test_a_failing_reload_keeps_the_old_script(tmp_path: Path, broken: str, expe
         with Wire.auth_client(proc.socket("auth-client")) as w:
             w.send("VERSION\t1\t2", "CPID\t1", f"AUTH\t1\tPLAIN\tservice=imap\tresp={plain('alice', 'pw')}")
             assert w.read_line() == "OK\t1\tuser=alice\tversion=1"
+
+
+def test_an_edit_made_while_the_scripts_load_at_start_is_picked_up(tmp_path: Path) -> None:
+    # script_init takes a second; the edit lands in the middle of it
+    slow = 'function script_init() os.execute("sleep 1") return 0 end\n' + VERSIONED % 1
+    proc = AuthdProcess(tmp_path, CONFIG, {"s.lua": slow})
+    starting = threading.Thread(target=proc.start)
+    starting.start()
+    try:
+        time.sleep(0.5)
+        (tmp_path / "s.lua").write_text(VERSIONED % 2)
+        starting.join(60)
+        proc.wait_for_log(lambda e: e.get("event") == "reload.done", timeout=10)
+        with Wire.auth_client(proc.socket("auth-client")) as w:
+            w.send("VERSION\t1\t2", "CPID\t1", f"AUTH\t1\tPLAIN\tservice=imap\tresp={plain('alice', 'pw')}")
+            assert w.read_line() == "OK\t1\tuser=alice\tversion=2"
+    finally:
+        starting.join(60)
+        proc.stop()
