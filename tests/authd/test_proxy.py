@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 from collections.abc import Iterator
 
 import pytest
@@ -116,10 +117,15 @@ def proxy_authd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthdProce
     proc.stop()
 
 
+#: Login sockets refuse a CPID still in use: each connection gets its own.
+CPIDS = itertools.count(4711)
+
+
 def login(proc: AuthdProcess, user: str, password: str = "p", socket: str = "auth-login") -> str:
     resp = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
     with Wire.auth_client(proc.socket(socket)) as wire:
-        wire.send("VERSION\t1\t2", "CPID\t4711", f"AUTH\t1\tPLAIN\tservice=imap\tlip=127.0.0.1\tlport=143\tresp={resp}")
+        auth = f"AUTH\t1\tPLAIN\tservice=imap\tlip=127.0.0.1\tlport=143\tresp={resp}"
+        wire.send("VERSION\t1\t2", f"CPID\t{next(CPIDS)}", auth)
         return wire.read_line(timeout=10)
 
 
