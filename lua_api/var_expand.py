@@ -10,7 +10,6 @@ strings in the "C" locale; templates and values are cut at the first NUL to matc
 from __future__ import annotations
 
 import base64
-import ctypes
 import dataclasses
 import hashlib
 import os
@@ -19,6 +18,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from lua_api.posix_regex import POSIX_REGEX
 from lua_api.request_vars import RequestVars, VarEntry, var_table_23
 
 __all__ = ["ExpandContext", "VarExpandError", "expand", "expand_username_format"]
@@ -218,68 +218,6 @@ def _wildcard_match(data: bytes, mask: bytes) -> bool:
         m -= 1
     return m < 0
 
-
-class _PosixRegex:
-    """glibc's POSIX extended regex in the "C" locale, as Dovecot (which never calls setlocale) uses it.
-
-    Python's re differs in syntax and error texts, so the C library is called directly.
-    """
-
-    _REG_EXTENDED = 1
-    _REG_NOMATCH = 1
-    _REGEX_T_SIZE = 256  # glibc's regex_t is 64 bytes on 64-bit; leave headroom
-    _LC_CTYPE_MASK, _LC_COLLATE_MASK, _LC_MESSAGES_MASK = 1 << 0, 1 << 3, 1 << 5
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None)
-        self._regcomp = libc.regcomp
-        self._regcomp.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        self._regcomp.restype = ctypes.c_int
-        self._regexec = libc.regexec
-        self._regexec.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        self._regexec.restype = ctypes.c_int
-        self._regerror = libc.regerror
-        self._regerror.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-        self._regerror.restype = ctypes.c_size_t
-        self._regfree = libc.regfree
-        self._regfree.argtypes = [ctypes.c_void_p]
-        self._regfree.restype = None
-        self._uselocale = libc.uselocale
-        self._uselocale.argtypes = [ctypes.c_void_p]
-        self._uselocale.restype = ctypes.c_void_p
-        newlocale = libc.newlocale
-        newlocale.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p]
-        newlocale.restype = ctypes.c_void_p
-        mask = self._LC_CTYPE_MASK | self._LC_COLLATE_MASK | self._LC_MESSAGES_MASK
-        self._c_locale = newlocale(mask, b"C", None)
-
-    def search(self, pattern: bytes, subject: bytes) -> bool | bytes:
-        """True/False for match/no match, or regerror's text when *pattern* does not compile."""
-        regex = ctypes.create_string_buffer(self._REGEX_T_SIZE)
-        previous = self._uselocale(self._c_locale)
-        try:
-            code = self._regcomp(regex, pattern, self._REG_EXTENDED)
-            if code != 0:
-                size = self._regerror(code, regex, None, 0)
-                text = ctypes.create_string_buffer(size)
-                self._regerror(code, regex, text, size)
-                return text.value
-            try:
-                code = self._regexec(regex, subject, 0, None, 0)
-                return bool(code != self._REG_NOMATCH)
-            finally:
-                self._regfree(regex)
-        finally:
-            self._uselocale(previous)
-
-
-_POSIX_REGEX = _PosixRegex()
 
 _NUMERIC_OPS: dict[bytes, Callable[[int, int], bool]] = {
     b"==": lambda a, b: a == b,
@@ -687,11 +625,11 @@ class _Expansion:
         if negate is None:
             self.error = b"if: Unsupported comparator '%s'" % op
             return None
-        matched = _POSIX_REGEX.search(rhs, lhs)
+        matched = POSIX_REGEX.search(rhs, lhs)
         if isinstance(matched, bytes):
             self.error = b"if: regex failed: " + matched
             return None
-        return matched != negate
+        return (matched is not None) != negate
 
     def _fail(self, message: bytes) -> tuple[None, int]:
         self.error = message

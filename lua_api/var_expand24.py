@@ -12,7 +12,6 @@ later tags changed is noted at the place it happens.
 from __future__ import annotations
 
 import base64
-import ctypes
 import hashlib
 import math
 import os
@@ -24,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 
+from lua_api.posix_regex import POSIX_REGEX
 from lua_api.var_expand import _HASH_METHODS, VarExpandError, _wildcard_match
 
 __all__ = ["ExpandContext24", "VarExpandError", "expand24"]
@@ -1122,62 +1122,8 @@ def _fn_ldap_dn(run: _Execution, params: list[_Param]) -> None:
     run.set_data(_cstr(run.require("convert to ldap_dn")).replace(b".", b",dc="))
 
 
-class _Regex:
-    """glibc's POSIX extended regex in the "C" locale, as Dovecot (which never calls setlocale) uses it."""
-
-    _REG_EXTENDED = 1
-    _REG_NOMATCH = 1
-    _REGEX_T_SIZE = 256  # glibc's regex_t is 64 bytes on 64-bit; leave headroom
-    _GROUPS = 10
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None)
-        self._regcomp = libc.regcomp
-        self._regcomp.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        self._regexec = libc.regexec
-        self._regexec.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        self._regerror = libc.regerror
-        self._regerror.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-        self._regerror.restype = ctypes.c_size_t
-        self._regfree = libc.regfree
-        self._regfree.argtypes = [ctypes.c_void_p]
-        self._regfree.restype = None
-        self._uselocale = libc.uselocale
-        self._uselocale.argtypes = [ctypes.c_void_p]
-        self._uselocale.restype = ctypes.c_void_p
-        newlocale = libc.newlocale
-        newlocale.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p]
-        newlocale.restype = ctypes.c_void_p
-        self._c_locale = newlocale((1 << 0) | (1 << 3) | (1 << 5), b"C", None)  # CTYPE|COLLATE|MESSAGES
-
-    def search(self, pattern: bytes, subject: bytes) -> list[tuple[int, int]] | bytes | None:
-        """(start, end) of the match and groups 1..9 (-1 if unset), None if no match, or regerror's text."""
-        regex = ctypes.create_string_buffer(self._REGEX_T_SIZE)
-        matches = (ctypes.c_int * (2 * self._GROUPS))()
-        previous = self._uselocale(self._c_locale)
-        try:
-            code = self._regcomp(regex, pattern, self._REG_EXTENDED)
-            if code != 0:
-                text = ctypes.create_string_buffer(1024)
-                self._regerror(code, regex, text, len(text))
-                return text.value
-            try:
-                if self._regexec(regex, subject, self._GROUPS, matches, 0) == self._REG_NOMATCH:
-                    return None
-                return [(matches[2 * i], matches[2 * i + 1]) for i in range(self._GROUPS)]
-            finally:
-                self._regfree(regex)
-        finally:
-            self._uselocale(previous)
-
-
-_REGEX = _Regex()
+#: Offsets regexec() reports: the match and groups \1 to \9.
+_REGEX_GROUPS = 10
 
 
 def _fn_regexp(run: _Execution, params: list[_Param]) -> None:
@@ -1204,7 +1150,7 @@ def _fn_regexp(run: _Execution, params: list[_Param]) -> None:
     if replacement is None:
         _fail(b"Missing replacement parameter")
     subject = _cstr(run.require("regexp"))
-    found = _REGEX.search(pattern, subject)
+    found = POSIX_REGEX.search(pattern, subject, _REGEX_GROUPS)
     if isinstance(found, bytes):
         _fail(found)
     if found is None:
@@ -1467,7 +1413,7 @@ def _if_compare(run: _Execution, left: _Param, operator: bytes, right: _Param) -
     compare = _IF_STRING.get(operator)
     if compare is not None:
         return compare(lhs, rhs)
-    found = _REGEX.search(rhs, lhs)
+    found = POSIX_REGEX.search(rhs, lhs, _REGEX_GROUPS)
     if isinstance(found, bytes):
         _fail(b"regexp() failed: " + found)
     return (found is not None) != (operator == b"!~")
