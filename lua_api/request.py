@@ -16,11 +16,13 @@ from __future__ import annotations
 import grp
 import pwd
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from lua_api.request_vars import LUA_FIELDS_23, VARS_24, RequestVars, var_table_23, var_table_24
 from lua_api.var_expand import ExpandContext, VarExpandError, expand
 from lua_api.var_expand24 import ExpandContext24, expand24
+
+ContextT = TypeVar("ContextT", bound=ExpandContext)
 
 #: How template errors end where Dovecot's template parser calls i_fatal().
 _FATAL = " (a fatal error in Dovecot: the auth process exits)"
@@ -112,20 +114,10 @@ class LuaRequest:
     def var_expand(self, template: bytes) -> bytes:
         if self.dialect == "2.4":
             return self._var_expand_24(template)
-        return expand(template, var_table_23(self.vars), self._context())
+        return expand(template, var_table_23(self.vars), self._context(ExpandContext))
 
     def _var_expand_24(self, template: bytes) -> bytes:
-        ctx = self.expand_context or ExpandContext()
-        context = ExpandContext24(
-            env=ctx.env,
-            passdb_field=lambda name: self.passdb_fields.get(name),
-            userdb_field=lambda name: self.userdb_fields.get(name),
-            hostname=ctx.hostname,
-            pid=ctx.pid,
-            uid=ctx.uid,
-            gid=ctx.gid,
-        )
-        return expand24(template, var_table_24(self.vars), context)
+        return expand24(template, var_table_24(self.vars), self._context(ExpandContext24))
 
     def log_prefix(self) -> bytes:
         """auth_request_get_log_prefix_db: `lua(user,rip,master,<session>): `."""
@@ -140,9 +132,10 @@ class LuaRequest:
             out += b",<" + v.session_id + b">"
         return bytes(out) + b"): "
 
-    def _context(self) -> ExpandContext:
+    def _context(self, kind: type[ContextT]) -> ContextT:
+        """The daemon's expand context with this request's passdb and userdb fields."""
         ctx = self.expand_context or ExpandContext()
-        return ExpandContext(
+        return kind(
             env=ctx.env,
             passdb_field=lambda name: self.passdb_fields.get(name),
             userdb_field=lambda name: self.userdb_fields.get(name),

@@ -15,7 +15,6 @@ import base64
 import hashlib
 import math
 import os
-import socket
 import struct
 import time
 import uuid
@@ -24,13 +23,9 @@ from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 
 from lua_api.posix_regex import POSIX_REGEX
-from lua_api.var_expand import _HASH_METHODS, VarExpandError, _wildcard_match
+from lua_api.var_expand import _HASH_METHODS, ExpandContext, VarExpandError, _no_field, _wildcard_match
 
 __all__ = ["ExpandContext24", "VarExpandError", "expand24"]
-
-
-def _no_field(_name: bytes) -> bytes | None:
-    return None
 
 
 def _affinity_cpu_count() -> int:
@@ -39,23 +34,12 @@ def _affinity_cpu_count() -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class ExpandContext24:
-    """What an expansion may consult besides the variables (the providers' data).
+class ExpandContext24(ExpandContext):
+    """2.3's providers' data (env, passdb, userdb, hostname, pid, uid, gid) and 2.4's additions.
 
-    Defaults describe this process, as Dovecot's providers describe the auth process; env is
-    empty by default because Dovecot's auth process keeps only import_environment.
+    `env` also answers ``%{system:cpu_count}`` when it holds NCPU.
     """
 
-    env: Mapping[bytes, bytes] = field(default_factory=dict)
-    """Process environment for ``%{env:NAME}`` (and ``NCPU`` for ``%{system:cpu_count}``)."""
-    passdb_field: Callable[[bytes], bytes | None] = _no_field
-    """Extra field set by the passdb so far, for ``%{passdb:NAME}`` (missing is empty)."""
-    userdb_field: Callable[[bytes], bytes | None] = _no_field
-    """Userdb reply field, for ``%{userdb:NAME}`` (missing is empty)."""
-    hostname: bytes = field(default_factory=lambda: socket.gethostname().encode())
-    pid: int = field(default_factory=os.getpid)
-    uid: int = field(default_factory=os.geteuid)
-    gid: int = field(default_factory=os.getegid)
     cpu_count: int = field(default_factory=_affinity_cpu_count)
     os_name: bytes = field(default_factory=lambda: os.uname().sysname.encode())
     """uname's sysname, for ``%{system:os}``."""
