@@ -114,8 +114,9 @@ class ScriptWatcher:
         self.interval = interval
         self.seen: dict[Path, Stamp] = {}
 
-    def snapshot(self) -> dict[Path, Stamp]:
-        return {path: stamp(path) for path in self.files()}
+    def snapshot(self, files: tuple[Path, ...] | None = None) -> dict[Path, Stamp]:
+        """The stamps of `files` (by default the watched ones)."""
+        return {path: stamp(path) for path in (self.files() if files is None else files)}
 
     def reset(self) -> None:
         """Take the files as they are now as the baseline: call it before loading them,

@@ -36,7 +36,7 @@ from authd.master_conn import MasterConnection, auth_token
 from authd.metrics import Metrics, serve_metrics
 from authd.passdb import PassdbChain
 from authd.penalty import PenaltyTracker
-from authd.reload import Generation, ScriptWatcher, script_files, stamp
+from authd.reload import Generation, ScriptWatcher, script_files
 from authd.userdb import UserdbChain
 from config import ConfigError, load_config
 from config.schema import CacheSettings, Config, ListenerSettings, MetricsSettings
@@ -356,7 +356,7 @@ class Server:
         if config.cache != self.config.cache:
             self.cache = _new_cache(config.cache)
         new = self._build_generation(config)
-        baseline = {path: stamp(path) for path in script_files(config)}  # before loading: see edits made meanwhile
+        baseline = self.watcher.snapshot(script_files(config))  # before loading: see edits made meanwhile
         try:
             await new.start()
             opened = self._open_added_listeners(config) if self._listeners_from_config else []
