@@ -10,7 +10,7 @@
 -- passes back; a submitted request goes over as one flat array, and so does its
 -- response. (A call into Python costs more than the array: each one lifts and restores
 -- guard.lua's limits.)
-local yield_io, io_kind, check_url, dialect, client_settings_23, client_settings_24 = ...
+local yield_io, io_kind, check_url, dialect, client_settings_23, client_settings_24, checks = ...
 local v24 = dialect == "2.4"
 
 local type, select, tostring, error, rawget, setmetatable, ipairs =
@@ -20,7 +20,6 @@ local unpack = table.unpack or unpack
 local format, find, sub, lower = string.format, string.find, string.sub, string.lower
 local floor = math.floor
 local tointeger = math.tointeger or function(x) return x end
-local getinfo, getmetatable_raw = debug.getinfo, debug.getmetatable
 
 local CLIENT = "struct http_client"
 local REQUEST = "struct http_client_request"
@@ -29,12 +28,9 @@ local RESPONSE = "struct dlua_http_response"
 -- What Dovecot keeps behind each object's item userdata, keyed by the item.
 local objects = setmetatable({}, {__mode = "k"})
 
--- DLUA_REQUIRE_ARGS; Dovecot's own errors carry no position.
-local function require_args(got, expected)
-  if got ~= expected then
-    error(format("expected %d arguments, got %d", expected, got), 0)
-  end
-end
+-- The prelude's argument checks (DLUA_REQUIRE_ARGS, luaL_argerror, luaL_typename, C strings).
+local require_args, require_args_in = checks.args, checks.args_in
+local bad_argument, type_name, c_string = checks.arg_error, checks.type_name, checks.c_string
 
 -- dlua_check_http_*(): the object behind self's item.
 local function check_object(self, kind)
@@ -43,28 +39,6 @@ local function check_object(self, kind)
     error(format("Bad argument #1, expected %s got %s", kind, type(self)), 0)
   end
   return object
-end
-
--- The type name luaL_typeerror shows.
-local function type_name(value)
-  local mt = getmetatable_raw(value)
-  local name = mt and rawget(mt, "__name")
-  if type(name) == "string" then return name end
-  return type(value)
-end
-
--- luaL_argerror for the API function that called the checker that calls this
--- (level 3), reported at its caller's line (level 4): method calls do not count self.
-local function bad_argument(argn, message)
-  local info = getinfo(3, "n")
-  if info and info.namewhat == "method" then argn = argn - 1 end
-  error(format("bad argument #%d to '%s' (%s)", argn, info and info.name or "?", message), 4)
-end
-
--- C strings end at the first NUL.
-local function c_string(s)
-  local nul = find(s, "\0", 1, true)
-  return nul and sub(s, 1, nul - 1) or s
 end
 
 -- luaL_checkstring, then used as a C string.
@@ -183,15 +157,6 @@ local function request_remove_header(...)
   end
 end
 
--- DLUA_REQUIRE_ARGS_IN
-local function require_args_in(got, min, max)
-  if got < min or got > max then
-    error(format("expected %d to %d arguments, got %d", min, max, got), 0)
-  end
-end
-
--- set_payload(data): 2.3 always sends it with Expect: 100-continue; 2.4's
--- set_payload(data [, sync]) only when sync is true.
 local function request_set_payload(...)
   local nargs = select("#", ...)
   if v24 then require_args_in(nargs, 2, 3) else require_args(nargs, 2) end

@@ -1507,6 +1507,7 @@ class HttpExtension:
             state.options.dialect.encode(),
             client_settings_23,
             client_settings_24,
+            state.api[b"checks"],
             name="=authd-http",
         )
 

@@ -867,6 +867,7 @@ return {
   may_block = may_block,
   blocking_seen = get_blocking_seen,
   globals_restricted = globals_restricted,
+  checks = {args = check_args, args_in = check_args_in, arg_error = arg_error, type_name = type_name, c_string = c_string},
   cache_key_hook = cache_key_hook,
   passthrough_leak = passthrough_leak,
 }
