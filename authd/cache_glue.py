@@ -14,7 +14,7 @@ import structlog
 
 from authd.auth_request import AuthRequest
 from authd.cache import AuthCache, CacheHit
-from authd.password_check import verify_password
+from authd.password_check import verify_password_off_loop
 from authd.passwords import generate, split_scheme
 from lua_api.request_vars import RequestVars, VarEntry, var_table_23, var_table_24
 from lua_api.results import PassdbResult, UserdbResult
@@ -104,7 +104,7 @@ class PassdbCache:
             return None
         return hit
 
-    def verify_plain(
+    async def verify_plain(
         self, req: AuthRequest, template: bytes, db_id: int, password: bytes, *, use_expired: bool
     ) -> int | None:
         """passdb_cache_verify_plain: a result from the cache, or None to ask the passdb."""
@@ -120,7 +120,7 @@ class PassdbCache:
             ret = 1
         else:
             scheme, stored = split_scheme(parts[0])
-            ret = verify_password(
+            ret = await verify_password_off_loop(
                 req,
                 password,
                 stored,

@@ -196,7 +196,7 @@ class PassdbChain:
         """One passdb's answer for a password, through the cache when it has one."""
         cache = self.cache if entry.cache_key is not None else None
         if cache is not None and entry.cache_key is not None:
-            cached = cache.verify_plain(req, entry.cache_key, entry.db_id, password, use_expired=False)
+            cached = await cache.verify_plain(req, entry.cache_key, entry.db_id, password, use_expired=False)
             if cached is not None:
                 return cached
         started = time.monotonic()
@@ -210,7 +210,7 @@ class PassdbChain:
             cache.save(req, entry.cache_key, entry.db_id, result, entry.default_scheme)
             return result
         # The backend failed: an expired cache entry is better than nothing.
-        cached = cache.verify_plain(req, entry.cache_key, entry.db_id, password, use_expired=True)
+        cached = await cache.verify_plain(req, entry.cache_key, entry.db_id, password, use_expired=True)
         if cached is None:
             return result
         log.info("cache.fallback", message="Falling back to expired data from cache", **req.log_context())

@@ -7,6 +7,8 @@ looked-up password into the credentials a mechanism asked for.
 
 from __future__ import annotations
 
+import functools
+
 import structlog
 import trio
 
@@ -53,14 +55,17 @@ SLOW_SCHEMES = frozenset(
 )
 
 
-async def verify_password_off_loop(req: AuthRequest, plain: bytes, stored: bytes | None, scheme: str) -> int:
+async def verify_password_off_loop(
+    req: AuthRequest, plain: bytes, stored: bytes | None, scheme: str, *, log_mismatch: bool = True
+) -> int:
     """verify_password, in a worker thread for slow schemes: a bcrypt hash costs about
     0.1-0.3 s of CPU, which must not stall every other request (Dovecot verifies a
     blocking passdb's passwords in its auth workers)."""
+    check = functools.partial(verify_password, req, plain, stored, scheme, log_mismatch=log_mismatch)
     base = scheme.upper().partition(".")[0]
     if base not in SLOW_SCHEMES or req.skip_password_check or b"nopassword" in req.extra_fields:
-        return verify_password(req, plain, stored, scheme)
-    return await trio.to_thread.run_sync(verify_password, req, plain, stored, scheme)
+        return check()
+    return await trio.to_thread.run_sync(check)
 
 
 def password_missing(req: AuthRequest) -> int:

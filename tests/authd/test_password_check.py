@@ -6,6 +6,7 @@ import threading
 
 import bcrypt
 import pytest
+import structlog
 
 from authd import password_check
 from authd.auth_request import AuthRequest, UsernameRules
@@ -53,3 +54,12 @@ async def test_nopassword_needs_no_thread(monkeypatch: pytest.MonkeyPatch) -> No
     req.extra_fields.add(b"nopassword", None)
     monkeypatch.setattr(password_check.trio.to_thread, "run_sync", None)  # would raise if used
     assert await verify_password_off_loop(req, b"anything", HASH, "BLF-CRYPT") == PassdbResult.OK
+
+
+@pytest.mark.parametrize("scheme", ["BLF-CRYPT", "PLAIN"])
+async def test_the_cache_can_keep_a_mismatch_quiet(scheme: str) -> None:
+    stored = HASH if scheme == "BLF-CRYPT" else b"secret"
+    with structlog.testing.capture_logs() as logs:
+        assert await verify_password_off_loop(request(), b"wrong", stored, scheme, log_mismatch=False) == 0
+        assert await verify_password_off_loop(request(), b"wrong", stored, scheme) == 0
+    assert [e["message"] for e in logs] == ["Password mismatch"]
