@@ -48,11 +48,11 @@ def adaptive_executor(limiter: trio.CapacityLimiter, options: StateOptions, name
     then in worker threads; on Lua 5.1 and LuaJIT, which cannot move a call, always threads."""
     if options.version in ("5.4", "5.3"):
         return AdaptiveExecutor(runner_for(limiter), name)
-    return runner_for(limiter)
+    return thread_executor(limiter)
 
 
 def thread_executor(limiter: trio.CapacityLimiter) -> Executor:
-    """Run Lua slices in worker threads (blocking = true); lupa releases the GIL.
+    """Run Lua slices in worker threads; lupa releases the GIL.
 
     At most `limiter.total_tokens` threads, shared by every pool using the limiter
     (lua_api.threads). Cancelling a slice abandons its thread (lua_api.runtime decides
