@@ -523,19 +523,25 @@ def _inline(run: Executor) -> bool:
 def _timed(state: LuaState, run: Executor, fn: Callable[[], Any]) -> Any:
     """An inline slice; slices that run too long send an adaptive script to threads.
 
-    Wall time, minus Python's garbage collections (not the script's doing): a CPU
-    clock would cost a system call per slice, and an inline slice rarely waits for
-    the GIL, which a few allowed slow slices absorb.
+    What counts is the CPU time the slice took, minus Python's garbage collections
+    (not the script's doing). Wall time alone would also count the time the slice
+    waited for the GIL (a Lua state loading in a pool's thread holds it for up to
+    Python's 5 ms switch interval) or for a core the scheduler gave to another
+    process: under load, that sent scripts that never block to threads within a
+    second. The CPU clock costs a system call (about 0.5 µs); its second reading is
+    only taken for slices over the limit in wall time.
     """
     if type(run) is not AdaptiveExecutor:
         return _guarded(state, fn)
-    started, collecting = time.perf_counter(), _gc_clock.spent
+    started, cpu_started, collecting = time.perf_counter(), time.thread_time(), _gc_clock.spent
     try:
         return _guarded(state, fn)
     finally:
-        took = time.perf_counter() - started - (_gc_clock.spent - collecting)
-        if took > INLINE_SLICE_LIMIT:
-            run.slow_slice(took)
+        collected = _gc_clock.spent - collecting
+        if time.perf_counter() - started - collected > INLINE_SLICE_LIMIT:
+            took = time.thread_time() - cpu_started - collected
+            if took > INLINE_SLICE_LIMIT:
+                run.slow_slice(took)
         run.slices += 1
         if run.slices >= SLOW_SLICES_WINDOW:
             run.slices = run.slow_slices = 0

@@ -66,11 +66,15 @@ class ThreadHost(RecordingHost):
         self.loop_thread = threading.get_ident()
         self.where: list[tuple[str, bool]] = []
         self.collect = False
+        #: Seconds every log line of the script waits without using the CPU.
+        self.pause = 0.0
 
     def log(self, level: int, message: str, context: object | None) -> None:
         self.where.append((message, threading.get_ident() == self.loop_thread))
         if self.collect:
             gc.collect()
+        if self.pause:
+            time.sleep(self.pause)
 
 
 async def start_pool(tmp_path: Path, source: str = SCRIPT) -> tuple[ScriptPool, ThreadHost, AdaptiveExecutor]:
@@ -140,6 +144,18 @@ async def test_garbage_collection_is_not_the_scripts_doing(tmp_path: Path) -> No
         assert await lookup(pool, b"alice") == 1
     assert run.inline and run.slow_slices == 0
     del garbage
+    await pool.close()
+
+
+async def test_waiting_for_the_cpu_or_the_gil_is_not_the_scripts_doing(tmp_path: Path) -> None:
+    """A slice that takes long in wall time but not in CPU time (it waited for the GIL,
+    held by a state loading in a thread, or for a core) does not count as slow."""
+    pool, host, run = await start_pool(tmp_path)
+    host.pause = 0.004  # two log lines per call: 8 ms in wall time, next to no CPU
+    for _ in range(4):
+        assert await lookup(pool, b"alice") == 1
+    assert run.inline and run.slow_slices == 0
+    assert all(in_loop for _, in_loop in host.where)
     await pool.close()
 
 
