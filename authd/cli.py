@@ -13,6 +13,7 @@ import trio
 
 from authd.listeners import ListenerError
 from authd.tools import ToolError
+from authd.workers import WorkerStartError
 from config import ConfigError, load_config
 from config.schema import Config
 from lua_api.script import ScriptLoadError
@@ -39,16 +40,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = _demo_config() if demo else Path(args.config)
     # Under systemd socket activation the sockets come from the .socket units.
     config = load_config(path, require_listeners="LISTEN_FDS" not in os.environ)
-    configure(fmt="json" if args.json_logs else config.log.format, level=args.log_level or config.log.level)
+    log_format = "json" if args.json_logs else None
+    configure(fmt=log_format or config.log.format, level=args.log_level or config.log.level)
     if demo:
         print(f"authd demo: config and script in {path.parent}/", file=sys.stderr)
         for listener in config.listeners:
             print(f"  {listener.type:7s} socket: {listener.where}", file=sys.stderr)
         client = next(x.where for x in config.listeners if x.type == "client")
         print(f"try: authd test --socket {client} alice alicepass", file=sys.stderr)
-    server = Server(config)
-    trio.run(server.serve)
+    server = Server(config, log_options=(log_format, args.log_level))
+    try:
+        trio.run(server.serve)
+    except BaseExceptionGroup as group:
+        failed = group.subgroup(WorkerStartError)
+        if failed is None:
+            raise
+        raise _innermost(failed) from None
     return 0
+
+
+def _innermost(group: BaseExceptionGroup[WorkerStartError]) -> WorkerStartError:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, WorkerStartError)
+    return exc
 
 
 def _serve_dovecot_service(args: argparse.Namespace) -> int:
@@ -312,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"authd: {exc}", file=sys.stderr)
         return 2
-    except (ScriptLoadError, ListenerError, ToolError) as exc:
+    except (ScriptLoadError, ListenerError, ToolError, WorkerStartError) as exc:
         print(f"authd: {exc}", file=sys.stderr)
         return 1
 

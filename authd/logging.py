@@ -63,13 +63,14 @@ class ConsoleRenderer:
         return " ".join(part for part in parts if part).rstrip(" ")
 
 
-def configure(*, fmt: str = "console", level: str = "info", stream: object = None) -> None:
+def configure(*, fmt: str = "console", level: str = "info", stream: object = None, worker: int | None = None) -> None:
     """Set up structlog: `console`, `json`, or `dovecot` (Dovecot's log-pipe format).
 
     Called once per process, before anything logs. Module loggers are assembled on
     their first use and kept (about a quarter of the price of the per-request event);
     code that reconfigures structlog afterwards for its own capture (authd try) must
-    do so before those loggers are first used.
+    do so before those loggers are first used. A worker process's events carry its
+    `worker` number.
     """
     renderer: structlog.types.Processor
     if fmt == "json":
@@ -80,6 +81,7 @@ def configure(*, fmt: str = "console", level: str = "info", stream: object = Non
         renderer = ConsoleRenderer()
     structlog.configure(
         processors=[
+            *([_add_worker(worker)] if worker is not None else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=False),
             renderer,
@@ -89,3 +91,11 @@ def configure(*, fmt: str = "console", level: str = "info", stream: object = Non
         logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
+
+
+def _add_worker(worker: int) -> structlog.types.Processor:
+    def add(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["worker"] = worker
+        return event
+
+    return add

@@ -133,7 +133,7 @@ class MasterConnection:
         elif isinstance(event, ListUsers):
             await self._list(event)
         elif isinstance(event, CacheFlush):
-            count = self.server.cache_flush(event.users)
+            count = await self.server.cache_flush(event.users)
             self.proto.cache_flushed(event.request_id, count)
 
     async def _guarded(self, request_id: int, handler, event) -> None:  # type: ignore[no-untyped-def]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 import structlog
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 log = structlog.get_logger("authd.metrics")
@@ -134,8 +135,46 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily("authd_cache_bytes", "Auth cache size in bytes", value=size)
 
 
+def merge_pages(pages: Iterable[bytes]) -> bytes:
+    """One metrics page from several processes' pages: equal samples (name and labels) summed.
+
+    Every metric authd exports is a count or a level that adds up over processes
+    (requests, connections, states, cache entries, histogram buckets); `_created`
+    timestamps do not, and are left out.
+    """
+    families: dict[str, Metric] = {}
+    totals: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for page in pages:
+        for family in text_string_to_metric_families(page.decode()):
+            if family.name.endswith("_created"):
+                continue  # the parser's own family for a counter's or histogram's timestamps
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                totals[family.name] = {}
+            samples = totals[family.name]
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                samples[key] = samples.get(key, 0.0) + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in totals[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return generate_latest(_Families(list(families.values())))  # type: ignore[arg-type]
+
+
+class _Families:
+    """What generate_latest() needs of a registry: the metric families."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
 async def serve_metrics(
-    metrics: Metrics,
+    render: Callable[[], Awaitable[bytes]],
     address: str,
     port: int,
     healthy: Callable[[], bool],
@@ -146,10 +185,12 @@ async def serve_metrics(
     listeners = await trio.open_tcp_listeners(port, host=address)
     task_status.started(listeners[0].socket.getsockname()[1])
     log.info("metrics.ready", address=address, port=listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(functools.partial(_handle, metrics=metrics, healthy=healthy), listeners)
+    await trio.serve_listeners(functools.partial(_handle, render=render, healthy=healthy), listeners)
 
 
-async def _handle(stream: trio.SocketStream, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+async def _handle(
+    stream: trio.SocketStream, render: Callable[[], Awaitable[bytes]], healthy: Callable[[], bool]
+) -> None:
     async with stream:
         request = b""
         with trio.move_on_after(5):
@@ -163,7 +204,7 @@ async def _handle(stream: trio.SocketStream, metrics: Metrics, healthy: Callable
         if method != b"GET":
             status, body, kind = b"405 Method Not Allowed", b"only GET\n", b"text/plain"
         elif path == b"/metrics":
-            status, body, kind = b"200 OK", metrics.render(), b"text/plain; version=0.0.4; charset=utf-8"
+            status, body, kind = b"200 OK", await render(), b"text/plain; version=0.0.4; charset=utf-8"
         elif path == b"/healthz":
             ok = healthy()
             status, body, kind = (

@@ -51,6 +51,8 @@ class PenaltyTracker:
         self.max_records = max_records
         self.clock = clock
         self._records: OrderedDict[str, _Record] = OrderedDict()
+        #: Told of every local update (ident, value, checksum), to share it with the other processes.
+        self.on_update: Callable[[str, int, int], None] | None = None
 
     def configure(self, trusted_networks: Sequence[str], *, enabled: bool) -> None:
         """Apply [auth] penalty and trusted_networks (at start and on reload; records stay)."""
@@ -95,10 +97,16 @@ class PenaltyTracker:
 
     def update(self, ident: str, value: int, *, user: bytes = b"", password: bytes | None = None) -> None:
         """PENALTY-INC: set a new penalty (0 resets); the same user+password does not escalate."""
+        checksum = 0 if value == 0 or password is None else zlib.crc32(user, zlib.crc32(password))
+        self.apply(ident, value, checksum)
+        if self.on_update is not None:
+            self.on_update(ident, value, checksum)
+
+    def apply(self, ident: str, value: int, checksum: int) -> None:
+        """An update made here or by another authd process (checksum 0: none)."""
         now = self.clock()
         value = min(value, MAX_PENALTY)
         record = self._records.pop(ident, None) or _Record()
-        checksum = 0 if value == 0 or password is None else zlib.crc32(user, zlib.crc32(password))
         if checksum == 0:
             record.penalty, record.last_penalty = value, now
         elif checksum in record.checksums:

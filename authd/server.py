@@ -15,8 +15,8 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -33,11 +33,12 @@ from authd.failure_delay import FailureDelay
 from authd.listeners import ListenerError, open_listener, set_permissions
 from authd.lua_bridge import expand_context
 from authd.master_conn import MasterConnection, auth_token
-from authd.metrics import Metrics, serve_metrics
+from authd.metrics import Metrics, merge_pages, serve_metrics
 from authd.passdb import PassdbChain
 from authd.penalty import PenaltyTracker
 from authd.reload import Generation, ScriptWatcher, script_files
 from authd.userdb import UserdbChain
+from authd.workers import SHARED_TYPES, Hooks, WorkerPool, worker_command
 from config import ConfigError, load_config
 from config.schema import CacheSettings, Config, ListenerSettings, MetricsSettings
 from lua_api.dns import DnsExtension
@@ -62,19 +63,41 @@ class ListenerInfo:
 class Server:
     """One authd instance: shared state for every connection it serves."""
 
-    def __init__(self, config: Config, *, listeners: list[ListenerInfo] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        listeners: list[ListenerInfo] | None = None,
+        worker: tuple[int, int] | None = None,
+        log_options: tuple[str | None, str | None] = (None, None),
+    ) -> None:
+        """`worker`: (index, processes) when this is a worker process (authd.worker);
+        `log_options`: the command line's log format and level, for the workers."""
+        self.worker_index, processes = worker if worker is not None else (0, _process_count(config, listeners))
+        self._processes = processes
+        config = self._share_of(config)
         self.config = config
         self._given_listeners = listeners
+        self._log_options = log_options
+        #: The worker processes, when this main process has any (started by serve()).
+        self.workers: WorkerPool | None = None
+        if worker is None and processes > 1:
+            self.workers = WorkerPool(processes, self._worker_command(), Hooks(self._apply_penalty, self._reload_soon))
+        #: How a SIGHUP (or a worker's) asks for a reload; a worker asks its main process instead.
+        self.request_reload: Callable[[str], None] = self._reload_soon
         #: Listeners came from systemd socket units (so not from the config).
         self._activated = False
         self._shutdown = trio.Event()
         #: Dovecot's master sends SIGINT for idle kills; a service must ignore it.
         self.stop_on_sigint = listeners is None
         self.spid = os.getpid()
-        self._cuid = itertools.count(1)
+        # Connection ids unique over all processes: process i hands out i+1, i+1+n, ...
+        self._cuid = itertools.count(self.worker_index + 1, processes)
         self.metrics = Metrics()
         self.failure_delay = FailureDelay(config.auth.failure_delay)
         self.penalty = PenaltyTracker(config.auth.trusted_networks, enabled=config.auth.penalty)
+        if self.workers is not None:
+            self.penalty.on_update = self._share_penalty
         self.limiter = trio.CapacityLimiter(config.lua.workers)
         self.cache = _new_cache(config.cache)
         self.metrics.watch_cache(self._cache_stats)
@@ -205,8 +228,16 @@ class Server:
         if pid is not None and self.login_clients.get(pid) is conn:
             del self.login_clients[pid]
 
-    def cache_flush(self, users: tuple[bytes, ...]) -> int:
-        """CACHE-FLUSH: drop everything, or the listed users' entries; returns how many."""
+    async def cache_flush(self, users: tuple[bytes, ...]) -> int:
+        """CACHE-FLUSH: drop everything, or the listed users' entries, in every process; how many."""
+        count = self.flush_local_cache(users)
+        if self.workers is not None:
+            counts = await self.workers.ask({"op": "cache-flush", "users": [u.decode("latin-1") for u in users]})
+            count += sum(counts)
+        return count
+
+    def flush_local_cache(self, users: tuple[bytes, ...]) -> int:
+        """This process's part of CACHE-FLUSH."""
         if self.cache is None:
             return 0
         count = self.cache.clear_users(users) if users else self.cache.clear()
@@ -262,6 +293,8 @@ class Server:
                 nursery.start_soon(self.failure_delay.serve)
                 nursery.start_soon(self._expire_requests)
                 nursery.start_soon(systemd.watchdog)
+                if self.workers is not None:
+                    await nursery.start(self.workers.run)
                 await self._start_metrics(self.config.metrics)
                 for info in self.listeners:
                     self._start_accepting(info)
@@ -275,6 +308,10 @@ class Server:
                 nursery.start_soon(self._wait_for_signal)
                 await self._shutdown.wait()
                 systemd.notify("STOPPING=1")
+                for info in self.listeners:
+                    info.scope.cancel()  # accept no more while the workers finish
+                if self.workers is not None:
+                    await self.workers.stop()
                 nursery.cancel_scope.cancel()
         finally:
             for info in self.listeners:
@@ -299,7 +336,7 @@ class Server:
         self._metrics_scope.cancel()
         self._metrics_scope = trio.CancelScope()
         self.metrics_port = None
-        if settings.address is None or settings.port is None:
+        if settings.address is None or settings.port is None or self.worker_index:
             return
         try:
             self.metrics_port = await self._nursery.start(self._serve_metrics, settings, self._metrics_scope)
@@ -311,12 +348,22 @@ class Server:
     ) -> None:
         assert settings.address is not None and settings.port is not None
         with scope:
-            await serve_metrics(self.metrics, settings.address, settings.port, self._healthy, task_status=task_status)
+            await serve_metrics(
+                self.render_metrics, settings.address, settings.port, self._healthy, task_status=task_status
+            )
+
+    async def render_metrics(self) -> bytes:
+        """The metrics page: this process's, with every worker's samples added in."""
+        page = self.metrics.render()
+        if self.workers is None:
+            return page
+        pages = await self.workers.ask({"op": "metrics"})
+        return merge_pages([page, *(p.encode() for p in pages)])
 
     def _start_watching(self) -> None:
         self._watch_scope.cancel()
         self._watch_scope = trio.CancelScope()
-        if self.config.reload.watch_scripts:
+        if self.config.reload.watch_scripts and not self.worker_index:
             self.watcher.interval = self.config.reload.watch_interval
             self._nursery.start_soon(self._watch, self._watch_scope)
 
@@ -353,6 +400,7 @@ class Server:
             except ConfigError as exc:
                 log.error("reload.failed", reason=reason, message=str(exc))
                 return False
+            config = self._share_of(config)
         if config.cache != self.config.cache:
             self.cache = _new_cache(config.cache)
         new = self._build_generation(config)
@@ -383,6 +431,10 @@ class Server:
         self.watcher.seen = baseline
         if config.reload != old_config.reload:
             self._start_watching()
+        if config.server != old_config.server:
+            log.warning("reload.processes", message="[server] processes takes effect at the next start")
+        if self.workers is not None:
+            self.workers.broadcast({"op": "reload", "reason": reason, "reread": reread_config})
         log.info(
             "reload.done",
             reason=reason,
@@ -462,6 +514,36 @@ class Server:
             ]
         return [ListenerInfo(s, open_listener(s)) for s in self.config.listeners]
 
+    # --- worker processes ---------------------------------------------------------------
+
+    def _share_of(self, config: Config) -> Config:
+        """This process's part of [lua] workers: the states and threads the setting
+        gives a script are spread over the processes (at least one each)."""
+        if self._processes == 1:
+            return config
+        workers = -(-config.lua.workers // self._processes)
+        return replace(config, lua=replace(config.lua, workers=workers))
+
+    def _worker_command(self) -> list[str]:
+        assert self.config.source is not None
+        log_format, log_level = self._log_options
+        return worker_command(str(self.config.source), log_format, log_level)
+
+    def _share_penalty(self, ident: str, value: int, checksum: int) -> None:
+        assert self.workers is not None
+        self.workers.broadcast({"op": "penalty", "ident": ident, "value": value, "checksum": checksum})
+
+    def _apply_penalty(self, ident: str, value: int, checksum: int) -> None:
+        """A worker's penalty update: ours too (the pool relays it to the other workers)."""
+        self.penalty.apply(ident, value, checksum)
+
+    def _reload_soon(self, reason: str) -> None:
+        self._nursery.start_soon(partial(self.reload, reason))
+
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown.is_set()
+
     def _healthy(self) -> bool:
         return self.ready.is_set() and not self._shutdown.is_set()
 
@@ -474,7 +556,7 @@ class Server:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    self._nursery.start_soon(partial(self.reload, "SIGHUP"))
+                    self.request_reload("SIGHUP")
                     continue
                 if signum == signal.SIGINT and not self.stop_on_sigint:
                     log.info("server.ignoring_sigint", message="ignoring idle SIGINT from Dovecot's master")
@@ -500,25 +582,42 @@ class Server:
                     log.error("listener.accept_failed", where=info.settings.where, message=str(exc))
                     await trio.sleep(0.1)
                     continue
-                self._serve_connection(info, stream)
+                if (
+                    self.workers is not None
+                    and info.settings.type in SHARED_TYPES
+                    and self.workers.hand_off(info.settings, stream.socket)
+                ):
+                    continue
+                self.serve_connection(info.settings, stream)
 
-    def _serve_connection(self, info: ListenerInfo, stream: trio.SocketStream) -> None:
+    def serve_connection(self, settings: ListenerSettings, stream: trio.SocketStream) -> None:
         """Start a connection task; it belongs to the server, not to the listener."""
-        kind = info.settings.type
+        kind = settings.type
         nursery = self._nursery
         if kind in ("client", "login"):
             conn = ClientConnection(
                 self,
                 stream,
                 login=kind == "login",
-                handshake=info.settings.handshake,
-                where=info.settings.where,
+                handshake=settings.handshake,
+                where=settings.where,
             )
             nursery.start_soon(conn.run)
         else:
-            path = str(info.settings.path) if info.settings.path is not None else None
-            master = MasterConnection(self, stream, userdb_only=kind == "userdb", where=info.settings.where, path=path)
+            path = str(settings.path) if settings.path is not None else None
+            master = MasterConnection(self, stream, userdb_only=kind == "userdb", where=settings.where, path=path)
             nursery.start_soon(master.run)
+
+
+def _process_count(config: Config, listeners: list[ListenerInfo] | None) -> int:
+    """[server] processes, for a daemon that opens its own sockets from a config file.
+
+    Under Dovecot's master (inherited listeners) one process serves, as Dovecot's auth
+    service does; so does a Server built in-process without a config file (tests).
+    """
+    if listeners is not None or config.source is None:
+        return 1
+    return config.server.process_count(len(os.sched_getaffinity(0)))
 
 
 def _environment(config: Config) -> dict[str, str]:

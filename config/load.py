@@ -37,6 +37,7 @@ from config.schema import (
     MetricsSettings,
     PassdbSettings,
     ReloadSettings,
+    ServerSettings,
     UserdbSettings,
 )
 
@@ -335,6 +336,18 @@ def _log(t: _Table) -> LogSettings:
     return settings
 
 
+def _server(t: _Table) -> ServerSettings:
+    value = t._get("processes", (int, str), '"auto" or an integer', "auto")
+    if value == "auto":
+        processes = 0
+    elif isinstance(value, int) and value >= 1:
+        processes = value
+    else:
+        raise t.error("processes", f'expected "auto" or an integer >= 1, got {value!r}')
+    t.finish()
+    return ServerSettings(processes=processes)
+
+
 def _relative(base: Path | None, path: Path | None) -> Path | None:
     if path is None or base is None or path.is_absolute():
         return path
@@ -356,6 +369,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None, *, require
         metrics=_metrics(section("metrics")),
         reload=_reload(section("reload")),
         log=_log(section("log")),
+        server=_server(section("server")),
     )
     root.finish()
     _check_passdbs(config.passdbs, root.source)

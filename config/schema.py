@@ -173,6 +173,20 @@ class ReloadSettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """How many processes serve: 0 = one per CPU the daemon may run on ("auto")."""
+
+    processes: int = 0
+
+    def process_count(self, cpus: int) -> int:
+        return self.processes or max(1, min(cpus, MAX_AUTO_PROCESSES))
+
+
+#: "auto" stops here: past a few processes the main one, which accepts and relays, is the limit.
+MAX_AUTO_PROCESSES = 8
+
+
+@dataclass(frozen=True)
 class LogSettings:
     format: str = "console"
     level: str = "info"
@@ -190,3 +204,4 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)

@@ -41,6 +41,11 @@ mode = 0o600
 """
 
 
+#: Tests of everything but the worker processes get one process, so that every connection
+#: meets the same cache, penalty table and log order; tests/authd/test_processes.py runs several.
+SINGLE_PROCESS = "\n[server]\nprocesses = 1\n"
+
+
 class AuthdProcess:
     """One authd serving `config` (TOML text) from `workdir`, scripts written next to it."""
 
@@ -62,7 +67,7 @@ class AuthdProcess:
         if self.popen is not None:
             raise RuntimeError("authd is already started: stop it first (a second start would leak the first)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.config)
+        self.config_path.write_text(self.config if "[server]" in self.config else self.config + SINGLE_PROCESS)
         for name, text in self.scripts.items():
             (self.workdir / name).write_text(text)
         env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -169,3 +169,22 @@ def test_lua_and_http_metrics(tmp_path: Path) -> None:
     assert samples[f"authd_lua_states{{{label}}}"] == 2.0
     assert samples[f"authd_lua_states_busy{{{label}}}"] == 0.0
     assert samples[f"authd_lua_state_wait_seconds_count{{{label}}}"] == 0.0  # no call had to wait
+
+
+def test_pages_of_several_processes_add_up() -> None:
+    from authd.metrics import Metrics, merge_pages
+
+    first, second = Metrics(), Metrics()
+    first.auth_requests_for("PLAIN", "smtp", "ok").inc(2)
+    second.auth_requests_for("PLAIN", "smtp", "ok").inc(3)
+    second.auth_requests_for("LOGIN", "smtp", "failed").inc()
+    first.auth_duration.observe(0.002)
+    second.auth_duration.observe(0.2)
+    samples = merge_pages([first.render(), second.render()]).decode().splitlines()
+    assert 'authd_auth_requests_total{mechanism="PLAIN",result="ok",service="smtp"} 5.0' in samples
+    assert 'authd_auth_requests_total{mechanism="LOGIN",result="failed",service="smtp"} 1.0' in samples
+    assert 'authd_auth_duration_seconds_bucket{le="0.0025"} 1.0' in samples
+    assert 'authd_auth_duration_seconds_bucket{le="+Inf"} 2.0' in samples
+    assert "authd_auth_duration_seconds_count 2.0" in samples
+    assert "# TYPE authd_auth_requests_total counter" in samples
+    assert not [line for line in samples if "_created" in line]

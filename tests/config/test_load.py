@@ -65,6 +65,15 @@ def test_lua_pool_settings_reach_the_pools(tmp_path: Path) -> None:
     assert lua_pools(passdbs, userdbs) == pools
 
 
+def test_processes() -> None:
+    auto = parse_config(MINIMAL).server
+    assert auto.processes == 0  # "auto"
+    assert [auto.process_count(cpus) for cpus in (1, 2, 16)] == [1, 2, 8]
+    fixed = parse_config({"server": {"processes": 3}, **MINIMAL}).server
+    assert fixed.process_count(2) == 3
+    assert parse_config({"server": {"processes": "auto"}, **MINIMAL}).server == auto
+
+
 def test_the_documented_example(tmp_path: Path) -> None:
     path = tmp_path / "authd.toml"
     path.write_text(
@@ -164,6 +173,15 @@ workers = 30
             "metrics.address: metrics need both address and port",
         ),
         ({"listenr": [], **MINIMAL}, "listenr: unknown setting"),
+        (
+            {"server": {"processes": 0}, **MINIMAL},
+            'server.processes: expected "auto" or an integer >= 1, got 0',
+        ),
+        (
+            {"server": {"processes": "all"}, **MINIMAL},
+            "server.processes: expected \"auto\" or an integer >= 1, got 'all'",
+        ),
+        ({"server": {"workers": 2}, **MINIMAL}, "server.workers: unknown setting"),
     ],
 )
 def test_errors_name_key_and_expectation(data: dict[str, object], message: str) -> None:

@@ -1,0 +1,246 @@
+"""[server] processes: client and userdb connections spread over worker processes, the rest shared.
+
+Each test runs a real authd with two processes (the main one and one worker) and tells
+them apart by the SPID each connection's greeting names.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.authd_process import LISTENERS, AuthdProcess
+from tests.interop.wire import Wire
+
+SCRIPT = """
+function auth_passdb_lookup(req)
+  dovecot.i_info("passdb lookup " .. req.user)
+  return dovecot.auth.PASSDB_RESULT_OK, "password=right quota=@QUOTA@"
+end
+function auth_userdb_lookup(req)
+  return dovecot.auth.USERDB_RESULT_OK, "uid=1000 home=/home/" .. req.user
+end
+"""
+
+
+def config(extra: str = "") -> str:
+    return (
+        '[auth]\nfailure_delay = 0\n[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n'
+        '[[userdb]]\ndriver = "lua"\nfile = "s.lua"\n[lua]\nworkers = 4\n'
+        '[server]\nprocesses = 2\n[metrics]\naddress = "127.0.0.1"\nport = 0\n' + extra + LISTENERS
+    )
+
+
+def start(tmp_path: Path, extra: str = "", quota: str = "1") -> AuthdProcess:
+    proc = AuthdProcess(tmp_path, config(extra), {"s.lua": SCRIPT.replace("@QUOTA@", quota)})
+    proc.start(wait_for=("auth-client", "auth-login", "auth-master", "auth-userdb"))
+    return proc
+
+
+@pytest.fixture
+def authd(tmp_path: Path) -> Iterator[AuthdProcess]:
+    proc = start(tmp_path, "[cache]\nsize = 100000\n")
+    yield proc
+    proc.stop()
+
+
+def worker_pid(authd: AuthdProcess) -> int:
+    ready = authd.wait_for_log(lambda e: e.get("event") == "worker.ready")
+    return int(ready["pid"])
+
+
+def spid(wire: Wire) -> int:
+    return int(wire.greeting_value("SPID"))
+
+
+def plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def auth(wire: Wire, request_id: int, password: str = "right", extra: str = "") -> str:
+    wire.send(f"AUTH\t{request_id}\tPLAIN\tservice=smtp{extra}\tresp={plain('alice', password)}")
+    return wire.read_line()
+
+
+def one_per_process(authd: AuthdProcess, socket_name: str = "auth-client") -> dict[int, Wire]:
+    """Open connections until both processes serve one; close the spare ones."""
+    by_spid: dict[int, Wire] = {}
+    for cpid in range(100, 104):
+        wire = Wire.auth_client(authd.socket(socket_name), timeout=20)
+        if spid(wire) in by_spid:
+            wire.close()
+            continue
+        wire.send("VERSION\t1\t2", f"CPID\t{cpid}")
+        by_spid[spid(wire)] = wire
+    assert set(by_spid) == {authd.pid, worker_pid(authd)}
+    return by_spid
+
+
+def scrape(authd: AuthdProcess) -> str:
+    port = authd.wait_for_log(lambda e: e.get("event") == "metrics.ready")["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def test_client_connections_take_turns_between_the_processes(authd: AuthdProcess) -> None:
+    wires = [Wire.auth_client(authd.socket("auth-client")) for _ in range(4)]
+    try:
+        spids = [spid(w) for w in wires]
+        assert sorted(spids) == sorted([authd.pid, authd.pid, worker_pid(authd), worker_pid(authd)])
+        assert spids[0] != spids[1] and spids[1] != spids[2]  # in turn
+        cuids = [int(w.greeting_value("CUID")) for w in wires]
+        assert len(set(cuids)) == 4  # unique over both processes
+        for cpid, wire in enumerate(wires, 200):
+            wire.send("VERSION\t1\t2", f"CPID\t{cpid}")
+            assert auth(wire, 1) == "OK\t1\tuser=alice\tquota=1"
+    finally:
+        for wire in wires:
+            wire.close()
+    served = [e for e in authd.log_events() if e.get("event") == "auth.request"]
+    assert sorted(e.get("worker", 0) for e in served) == [0, 0, 1, 1]
+
+
+def test_userdb_connections_are_shared_and_master_ones_stay(authd: AuthdProcess) -> None:
+    seen = set()
+    for request_id in range(4):
+        with Wire.auth_master(authd.socket("auth-userdb")) as w:
+            seen.add(int(w.greeting_value("SPID")))
+            w.send("VERSION\t1\t0", f"USER\t{request_id}\tbob\tservice=lmtp")
+            assert w.read_line() == f"USER\t{request_id}\tbob\tuid=1000\thome=/home/bob"
+    assert seen == {authd.pid, worker_pid(authd)}
+    for _ in range(3):
+        with Wire.auth_master(authd.socket("auth-master")) as w:
+            assert int(w.greeting_value("SPID")) == authd.pid
+
+
+def test_logins_stay_in_the_main_process_and_meet_their_request(authd: AuthdProcess) -> None:
+    for cpid in (300, 301, 302):
+        with Wire.auth_client(authd.socket("auth-login")) as login:
+            assert spid(login) == authd.pid
+            cookie = login.greeting_value("COOKIE")
+            login.send(
+                "VERSION\t1\t2", f"CPID\t{cpid}", f"AUTH\t1\tPLAIN\tservice=imap\tresp={plain('carol', 'right')}"
+            )
+            assert login.read_line() == "OK\t1\tuser=carol\tquota=1"
+            with Wire.auth_master(authd.socket("auth-master")) as master:
+                master.send("VERSION\t1\t0", f"REQUEST\t7\t{cpid}\t1\t{cookie}")
+                assert master.read_line() == "USER\t7\tcarol\tuid=1000\thome=/home/carol\tauth_mech=PLAIN"
+
+
+def test_a_failure_in_one_process_costs_a_penalty_in_the_other(authd: AuthdProcess) -> None:
+    wires = one_per_process(authd)
+    try:
+        first, second = wires[worker_pid(authd)], wires[authd.pid]
+        assert auth(first, 1, "wrong", "\trip=192.0.2.10") == "FAIL\t1\tuser=alice"
+        time.sleep(0.3)  # the update travels through the main process
+        started = time.monotonic()
+        assert auth(second, 2, extra="\trip=192.0.2.10") == "OK\t2\tuser=alice\tquota=1"
+        assert 3.8 <= time.monotonic() - started < 6  # penalty 1: 4 s, as in one process
+        # and the main process's success reset travels the other way
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert auth(first, 3, extra="\trip=192.0.2.10") == "OK\t3\tuser=alice\tquota=1"
+        assert time.monotonic() - started < 1
+    finally:
+        for wire in wires.values():
+            wire.close()
+
+
+def test_cache_flush_and_metrics_count_every_process(authd: AuthdProcess) -> None:
+    wires = one_per_process(authd)
+    try:
+        for wire in wires.values():
+            assert auth(wire, 1, extra="\tno-penalty") == "OK\t1\tuser=alice\tquota=1"
+            assert auth(wire, 2, extra="\tno-penalty") == "OK\t2\tuser=alice\tquota=1"  # a cache hit
+        lookups = [e for e in authd.log_events() if e.get("message") == "passdb lookup alice"]
+        assert sorted(e.get("worker", 0) for e in lookups) == [0, 1]  # one cache per process
+        samples = scrape(authd).splitlines()
+        assert 'authd_auth_requests_total{mechanism="PLAIN",result="ok",service="smtp"} 4.0' in samples
+        assert 'authd_connections{listener="client"} 2.0' in samples
+        assert "authd_cache_entries 2.0" in samples
+        assert not [line for line in samples if "_created" in line]
+        with Wire.auth_master(authd.socket("auth-master")) as master:
+            master.send("VERSION\t1\t0", "CACHE-FLUSH\t5")
+            assert master.read_line() == "OK\t5\t2"
+        assert "authd_cache_entries 0.0" in scrape(authd).splitlines()
+    finally:
+        for wire in wires.values():
+            wire.close()
+
+
+def test_lua_workers_are_spread_over_the_processes(authd: AuthdProcess) -> None:
+    samples = scrape(authd).splitlines()
+    script = str(authd.workdir / "s.lua")
+    # [lua] workers = 4: two states per process for each of the passdb and userdb pools
+    assert f'authd_lua_states{{script="{script}"}} 8.0' in samples
+
+
+def test_sighup_to_a_worker_reloads_every_process(tmp_path: Path) -> None:
+    authd = start(tmp_path, "[reload]\nwatch_scripts = false\n")
+    try:
+        (tmp_path / "s.lua").write_text(SCRIPT.replace("@QUOTA@", "2"))
+        os.kill(worker_pid(authd), signal.SIGHUP)
+        authd.wait_for_log(lambda e: e.get("event") == "reload.done" and e.get("worker") == 1)
+        authd.wait_for_log(lambda e: e.get("event") == "reload.done" and "worker" not in e)
+        wires = one_per_process(authd)
+        try:
+            for wire in wires.values():
+                assert auth(wire, 1) == "OK\t1\tuser=alice\tquota=2"
+        finally:
+            for wire in wires.values():
+                wire.close()
+    finally:
+        authd.stop()
+
+
+def test_a_worker_that_dies_is_started_again(authd: AuthdProcess) -> None:
+    old = worker_pid(authd)
+    os.kill(old, signal.SIGKILL)
+    exited = authd.wait_for_log(lambda e: e.get("event") == "worker.exited")
+    assert exited["pid"] == old and exited["status"] == -signal.SIGKILL
+    new = authd.wait_for_log(lambda e: e.get("event") == "worker.ready" and e["pid"] != old, timeout=30)["pid"]
+    spids = set()
+    for cpid in range(400, 404):
+        with Wire.auth_client(authd.socket("auth-client")) as wire:
+            spids.add(spid(wire))
+            wire.send("VERSION\t1\t2", f"CPID\t{cpid}")
+            assert auth(wire, 1) == "OK\t1\tuser=alice\tquota=1"
+    assert spids == {authd.pid, new}
+
+
+def test_sigterm_stops_every_process(authd: AuthdProcess) -> None:
+    worker = worker_pid(authd)
+    assert authd.stop() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)
+    stopped = [e for e in authd.log_events() if e.get("event") == "server.stopped"]
+    assert sorted(e.get("worker", 0) for e in stopped) == [0, 1]
+    assert not (authd.workdir / "auth-client").exists()
+
+
+def test_a_worker_that_cannot_load_its_scripts_stops_authd_at_start(tmp_path: Path) -> None:
+    script = (
+        'local marker = io.open("loaded-once", "r")\n'
+        'if marker then marker:close() error("loaded a second time") end\n'
+        'io.open("loaded-once", "w"):close()\n'
+        "function auth_passdb_lookup(req) return dovecot.auth.PASSDB_RESULT_OK, 'password=right' end\n"
+    )
+    config = '[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n[lua]\nworkers = 1\n[server]\nprocesses = 2\n' + LISTENERS
+    proc = AuthdProcess(tmp_path, config, {"s.lua": script})
+    try:
+        proc.start()  # the sockets exist (and queue connections) while the worker loads
+    except RuntimeError as exc:
+        assert "authd exited with 1" in str(exc)
+    else:
+        assert proc.popen is not None and proc.popen.wait(30) == 1
+        proc.stop()
+    assert "authd: worker 1 exited with status 1 at start-up" in proc.log_text()
+    assert "loaded a second time" in proc.log_text()
+    assert not (tmp_path / "auth-client").exists()
