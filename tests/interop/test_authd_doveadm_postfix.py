@@ -56,12 +56,14 @@ workers = 4
 """
     + LISTENERS
 )
+#: doveadm and Postfix meet both of authd's processes: client connections take turns.
+TWO_PROCESSES = "\n[server]\nprocesses = 2\n"
 
 
 @pytest.fixture(scope="module")
 def authd() -> Iterator[AuthdProcess]:
     workdir = make_workdir("authd-doveadm")
-    proc = AuthdProcess(workdir, CONFIG, {"users.lua": USERS_LUA})
+    proc = AuthdProcess(workdir, CONFIG + TWO_PROCESSES, {"users.lua": USERS_LUA})
     try:
         with running("authd", proc):
             yield proc
@@ -119,6 +121,14 @@ def test_doveadm_nologin_with_reason(authd: AuthdProcess) -> None:
     lines = done.stdout.splitlines()
     assert lines[:3] == ["passdb: carol auth succeeded", "extra fields:", "  user=carol"]
     assert sorted(lines[3:]) == ["  nologin", "  reason=Account moved"]
+
+
+def test_doveadm_connections_are_served_by_both_processes(authd: AuthdProcess) -> None:
+    before = len(authd.log_events())
+    for _ in range(4):
+        assert auth_test(authd, "alice", "alicepass").returncode == 0
+    served = [e for e in authd.log_events()[before:] if e.get("event") == "auth.request"]
+    assert sorted(e.get("worker", 0) for e in served) == [0, 0, 1, 1]
 
 
 def test_passwords_never_logged(authd: AuthdProcess) -> None:

@@ -88,7 +88,9 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def authd(workdir: Path) -> Iterator[AuthdProcess]:
-    proc = AuthdProcess(subdir(workdir, "authd"), CONFIG, {"users.lua": users_lua()})
+    # Two processes: logins and REQUEST stay in the main one, the userdb socket is shared.
+    config = CONFIG + "\n[server]\nprocesses = 2\n"
+    proc = AuthdProcess(subdir(workdir, "authd"), config, {"users.lua": users_lua()})
     with running("authd", proc):
         yield proc
 
