@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.backend import LOOP as BACKEND_LOOP
 from bench.scenarios import (
     RSS_LIMIT_MB,
     Calibration,
@@ -107,7 +108,7 @@ def markdown(report: Report) -> str:
         f"{o.warmup:g} s and until every request slot was answered once, "
         f"interleaved authd, Dovecot, authd, ...; SASL {o.mech.upper()}; load generator: "
         f"{o.loadgen_procs} processes; HTTP backend: {o.backend_delay * 1000:g} ms, "
-        f"{o.backend_procs} processes" + (f"; niceness {o.nice}." if o.nice else "."),
+        f"{o.backend_procs} processes ({BACKEND_LOOP})" + (f"; niceness {o.nice}." if o.nice else "."),
     ]
     if report.dovecot_version is None or not o.dovecot:
         lines.append("**Dovecot is not installed (or --no-dovecot was given): authd alone, no ratios.**")
