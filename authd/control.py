@@ -73,7 +73,10 @@ class ControlChannel:
     async def receive(self) -> tuple[Message, socket.socket | None] | None:
         """The next message and the socket it carried, or None when the peer is gone."""
         try:
-            data, ancillary, _flags, _address = await self._sock.recvmsg(BUFFER_SIZE, socket.CMSG_SPACE(4))
+            # MSG_CMSG_CLOEXEC: a script's os.execute() must not inherit client connections.
+            data, ancillary, _flags, _address = await self._sock.recvmsg(
+                BUFFER_SIZE, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+            )
         except OSError:
             data, ancillary = b"", []
         attached = None

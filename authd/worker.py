@@ -18,6 +18,7 @@ import trio
 
 from authd.control import ControlChannel
 from authd.logging import configure
+from authd.scheduling import serve_in_arrival_order
 from authd.server import Server
 from config import load_config
 from config.schema import ListenerSettings
@@ -88,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level")
     args = parser.parse_args(argv)
     channel_socket = socket.socket(fileno=args.control_fd)
+    channel_socket.set_inheritable(False)  # nor the control socket
     config = load_config(Path(args.config), require_listeners=False)
     configure(fmt=args.log_format or config.log.format, level=args.log_level or config.log.level, worker=args.index)
     server = Server(config, listeners=[], worker=(args.index, args.processes))
+    serve_in_arrival_order()
     trio.run(run, server, ControlChannel(channel_socket))
     return 0
 

@@ -244,3 +244,30 @@ def test_a_worker_that_cannot_load_its_scripts_stops_authd_at_start(tmp_path: Pa
     assert "authd: worker 1 exited with status 1 at start-up" in proc.log_text()
     assert "loaded a second time" in proc.log_text()
     assert not (tmp_path / "auth-client").exists()
+
+
+def test_commands_a_script_runs_inherit_no_connection(tmp_path: Path) -> None:
+    """Sockets handed to a worker, and its control socket, are close-on-exec."""
+    script = (
+        "function auth_passdb_lookup(req)\n"
+        '  os.execute("ls -l /proc/self/fd | grep -c socket: > sockets-" .. req.user)\n'
+        "  return dovecot.auth.PASSDB_RESULT_OK, 'password=right'\n"
+        "end\n"
+    )
+    config = '[auth]\nfailure_delay = 0\n[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n[server]\nprocesses = 2\n'
+    authd = AuthdProcess(tmp_path, config + LISTENERS, {"s.lua": script})
+    authd.start()
+    try:
+        wires = one_per_process(authd)
+        try:
+            for pid, wire in wires.items():
+                user = "worker" if pid != authd.pid else "main"
+                wire.send(f"AUTH\t1\tPLAIN\tservice=smtp\tresp={plain(user, 'right')}")
+                assert wire.read_line() == f"OK\t1\tuser={user}"
+        finally:
+            for wire in wires.values():
+                wire.close()
+        for user in ("worker", "main"):
+            assert (user, (tmp_path / f"sockets-{user}").read_text()) == (user, "0\n")
+    finally:
+        authd.stop()
