@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from authd.listeners import ListenerError
+from authd.scheduling import serve_in_arrival_order
 from authd.tools import ToolError
 from authd.workers import WorkerStartError
 from config import ConfigError, load_config
@@ -49,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         client = next(x.where for x in config.listeners if x.type == "client")
         print(f"try: authd test --socket {client} alice alicepass", file=sys.stderr)
     server = Server(config, log_options=(log_format, args.log_level))
+    serve_in_arrival_order()
     try:
         trio.run(server.serve)
     except BaseExceptionGroup as group:
@@ -90,6 +92,8 @@ def _serve_dovecot_service(args: argparse.Namespace) -> int:
     server = Server(config, listeners=listeners)
     lua_module(config.lua.version)
     dovecot_service.drop_privileges()
+
+    serve_in_arrival_order()
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

@@ -3,7 +3,8 @@
 Everything runs under one trio nursery. SIGTERM/SIGINT stop accepting, let the
 connection tasks end, and run script_deinit() on every Lua state. SIGHUP, a script
 edit or `authd reload` reload the config and scripts without dropping anything
-(authd.reload).
+(authd.reload). With [server] processes above 1 the same class also runs in each
+worker process, without listeners, fed connections by the main one (authd.workers).
 """
 
 from __future__ import annotations
