@@ -397,7 +397,8 @@ def profile(server: Server, workload: Workload, options: Options, stem: Path) ->
     with LoadGenerator(workload, options.loadgen_procs) as generator:
         generator.begin(options.warmup, seconds, DRAIN, MAX_WARMUP)
         command = [str(py_spy()), "record", "--pid", str(server.pid), "--duration", str(seconds), "--rate", "200"]
-        command += ["--format", "raw", "--threads", "--nonblocking", "--output", str(folded)]
+        # --subprocesses: authd's worker processes too
+        command += ["--format", "raw", "--threads", "--subprocesses", "--nonblocking", "--output", str(folded)]
         spy = subprocess.run(command, capture_output=True, text=True, check=False, timeout=seconds + 60)
         generator.collect(timeout=60)
     if spy.returncode != 0 or not folded.exists():
