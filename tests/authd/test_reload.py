@@ -76,8 +76,11 @@ class Client(threading.Thread):
             self.error = exc
 
 
-def test_script_edit_under_load(tmp_path: Path) -> None:
-    proc = AuthdProcess(tmp_path, CONFIG, {"s.lua": VERSIONED % 1})
+@pytest.mark.parametrize("processes", [1, 2])
+def test_script_edit_under_load(tmp_path: Path, processes: int) -> None:
+    """With two processes the worker's clients switch too: the main process tells it to reload."""
+    config = CONFIG + f"[server]\nprocesses = {processes}\n"
+    proc = AuthdProcess(tmp_path, config, {"s.lua": VERSIONED % 1})
     with proc:
         stop = threading.Event()
         clients = [Client(proc.socket("auth-client"), stop) for _ in range(4)]
@@ -108,6 +111,8 @@ def test_script_edit_under_load(tmp_path: Path) -> None:
     assert last_old - edited < 2.0  # the new script serves within 2 s of the write
     assert all(reply.endswith("version=2") for at, reply in replies if at > last_old)
     assert all(reply.endswith("version=2") for at, reply in replies if at > broken)
+    served_by = {e.get("worker", 0) for e in proc.log_events() if e.get("event") == "auth.request"}
+    assert served_by == set(range(processes))
     assert failure["message"].startswith("passdb-lua: initialization failed: lua_load(")
     assert failure["message"].endswith("s.lua:3: unexpected symbol near <eof>")
     assert failure["reason"] == f"script changed: {tmp_path / 's.lua'}"
