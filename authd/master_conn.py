@@ -19,11 +19,11 @@ import structlog
 import trio
 
 from authd.auth_request import AuthRequest, UsernameError
+from authd.login_request import LoginRequestArgs
 from authd.outbox import Outbox
 from authd.proxy import drop_proxy_fields, proxy_finish
 from lua_api.results import PassdbResult, UserdbResult
 from protocol.errors import PeerError
-from protocol.events import Field
 from protocol.master import (
     AuthMasterServer,
     CacheFlush,
@@ -246,85 +246,23 @@ class MasterConnection:
     # --- REQUEST ----------------------------------------------------------------------
 
     async def _login_request(self, event: LoginRequest) -> None:
-        """master_input_request + auth_request_handler_master_request."""
-        client = self.server.login_clients.get(event.client_pid)
-        if client is None:
-            log.error("master.request", message=f"Master requested auth for nonexistent client {event.client_pid}")
-            self.proto.failed(event.request_id)
-            return
-        if not hmac.compare_digest(client.proto.cookie, event.cookie):
-            log.error(
-                "master.request",
-                message=f"Master requested auth for client {event.client_pid} with invalid cookie",
-            )
-            self.proto.failed(event.request_id)
-            return
-        taken = client.take_request(event.client_request_id)
-        if taken is None:
-            log.error(
-                "master.request",
-                message=f"Master request {event.client_pid}.{event.client_request_id} not found",
-            )
-            self.proto.failed(event.request_id)
-            return
-        req: AuthRequest | None = taken.keep if isinstance(taken.keep, AuthRequest) else None
-        session_pid = event.params.get(b"session_pid")
-        if req is not None:
-            if session_pid is not None and session_pid.isdigit():
-                req.session_pid = int(session_pid)
-            if event.params.has(b"request_auth_token"):
-                req.request_auth_token = True
-        peer_pid = self.creds[0] if self.creds else None
-        if req is not None and req.session_pid is not None and peer_pid and req.session_pid != peer_pid:
-            log.error(
-                "master.request",
-                message=f"Session pid {req.session_pid} provided by master for request "
-                f"{event.client_pid}.{event.client_request_id} did not match peer credentials "
-                f"(pid={peer_pid})",
-            )
-            self.proto.failed(event.request_id)
-            return
-        if req is None or not taken.finished:
-            log.error(
-                "master.request",
-                message="Master requested unfinished authentication request "
-                f"{event.client_pid}.{event.client_request_id}",
-            )
-            self.proto.failed(event.request_id)
-            return
-        req.id = event.request_id
-        with self.server.generation.use() as generation:
-            result = await generation.userdbs.lookup(req)
-        if req.userdb_lookup_tempfailed:
-            result = UserdbResult.INTERNAL_FAILURE
-        if result == UserdbResult.OK:
-            self.proto.user_found(req.id, req.user or b"", self._request_reply_fields(req))
-        elif result == UserdbResult.USER_UNKNOWN:
-            self.proto.not_found(req.id)
+        """master_input_request: answered by whichever process served the login."""
+        args = LoginRequestArgs(
+            request_id=event.request_id,
+            client_pid=event.client_pid,
+            client_request_id=event.client_request_id,
+            cookie=event.cookie,
+            session_pid=event.params.get(b"session_pid"),
+            auth_token=event.params.has(b"request_auth_token"),
+            peer_pid=self.creds[0] if self.creds else None,
+        )
+        reply = await self.server.login_request(args)
+        if reply.kind == "user":
+            self.proto.user_found(event.request_id, reply.user, reply.fields)
+        elif reply.kind == "notfound":
+            self.proto.not_found(event.request_id)
         else:
-            reply = req.userdb_reply
-            reason = reply.find(b"reason") if req.userdb_lookup_tempfailed and reply is not None else None
-            self.proto.failed(req.id, reason)
-
-    def _request_reply_fields(self, req: AuthRequest) -> list[Field]:
-        """auth_str_append_userdb_extra_fields: userdb fields, then what Dovecot adds."""
-        reply = req.userdb_reply
-        fields = [f for f in (reply or []) if not f.hidden]
-        # Dovecot writes a TAB before the userdb fields even when there are none.
-        added: list[Field] = [] if fields else [Field(b"")]
-        if req.master_user is not None and (reply is None or b"master_user" not in reply):
-            added.append(Field(b"master_user", req.master_user))
-        added.append(Field(b"auth_mech", req.mech or b""))
-        anonymous = self.server.rules.anonymous_username.encode()
-        if anonymous and req.user == anonymous:
-            added.append(Field(b"anonymous"))
-        if req.request_auth_token and req.session_pid is not None:
-            added.append(Field(b"auth_token", self.server.auth_token(req)))
-        if req.master_user is not None:
-            added.append(Field(b"auth_user", req.master_user))
-        elif req.original_user is not None and req.original_user != req.user:
-            added.append(Field(b"auth_user", req.original_user))
-        return fields + added
+            self.proto.failed(event.request_id, reply.reason)
 
 
 def auth_token(secret: bytes, service: bytes, session_pid: int, user: bytes, session: bytes | None) -> bytes:

@@ -32,6 +32,7 @@ from authd.client_conn import ClientConnection
 from authd.databases import build_passdbs, build_userdbs, lua_drivers, lua_pools
 from authd.failure_delay import FailureDelay
 from authd.listeners import ListenerError, open_listener, set_permissions
+from authd.login_request import LoginReply, LoginRequestArgs, finish_login
 from authd.lua_bridge import expand_context
 from authd.master_conn import MasterConnection, auth_token
 from authd.metrics import Metrics, merge_pages, serve_metrics
@@ -82,8 +83,10 @@ class Server:
         self._log_options = log_options
         #: The worker processes, when this main process has any (started by serve()).
         self.workers: WorkerPool | None = None
+        self.token_secret = secrets.token_bytes(32)  # a worker gets the main process's (authd.worker)
         if worker is None and processes > 1:
-            self.workers = WorkerPool(processes, self._worker_command(), Hooks(self._apply_penalty, self._reload_soon))
+            hooks = Hooks(self._apply_penalty, self._reload_soon, self.login_clients_has, self.token_secret)
+            self.workers = WorkerPool(processes, self._worker_command(), hooks)
         #: How a SIGHUP (or a worker's) asks for a reload; a worker asks its main process instead.
         self.request_reload: Callable[[str], None] = self._reload_soon
         #: Listeners came from systemd socket units (so not from the config).
@@ -91,7 +94,10 @@ class Server:
         self._shutdown = trio.Event()
         #: Dovecot's master sends SIGINT for idle kills; a service must ignore it.
         self.stop_on_sigint = listeners is None
-        self.spid = os.getpid()
+        # To its clients authd is one server: workers greet with the main process's pid.
+        # (A post-login process drops a login whose SPID is not its auth-master server's:
+        # master-login-auth.c, "Auth server restarted".)
+        self.spid = os.getppid() if worker is not None else os.getpid()
         # Connection ids unique over all processes: process i hands out i+1, i+1+n, ...
         self._cuid = itertools.count(self.worker_index + 1, processes)
         self.metrics = Metrics()
@@ -118,8 +124,9 @@ class Server:
         self._watch_scope = trio.CancelScope()
         self._metrics_scope = trio.CancelScope()
         self.metrics_port: int | None = None
-        self.token_secret = secrets.token_bytes(32)
         self.login_clients: dict[int, ClientConnection] = {}
+        #: Told when a login client's pid starts or stops being served here (a worker tells its main process).
+        self.on_login_client: Callable[[int, bool], None] | None = None
         self.clients: set[ClientConnection] = set()
         self.listeners: list[ListenerInfo] = []
         self.ready = trio.Event()
@@ -220,14 +227,35 @@ class Server:
         old = self.login_clients.get(pid)
         if old is not None and old is not conn and not old.closed:
             return False
+        if self.workers is not None and self.workers.serves_login(pid):
+            log.error(
+                "client.duplicate_pid", message=f"BUG: Authentication client gave a PID {pid} of existing connection"
+            )
         self.login_clients[pid] = conn
+        if self.on_login_client is not None:
+            self.on_login_client(pid, True)
         return True
+
+    def login_clients_has(self, pid: int) -> bool:
+        return pid in self.login_clients
 
     def forget_client(self, conn: ClientConnection) -> None:
         self.clients.discard(conn)
         pid = conn.proto.pid
         if pid is not None and self.login_clients.get(pid) is conn:
             del self.login_clients[pid]
+            if self.on_login_client is not None:
+                self.on_login_client(pid, False)
+
+    async def login_request(self, args: LoginRequestArgs) -> LoginReply:
+        """REQUEST, answered by the process that served the login."""
+        if args.client_pid not in self.login_clients and self.workers is not None:
+            # The userdb lookup may take a whole Lua call (and its HTTP), plus the hand-over.
+            timeout = self.config.lua.call_timeout + 5
+            answer = await self.workers.login_request(args.client_pid, {"op": "request", **args.to_message()}, timeout)
+            if answer is not None:
+                return LoginReply.from_message(answer)
+        return await finish_login(self, args)
 
     async def cache_flush(self, users: tuple[bytes, ...]) -> int:
         """CACHE-FLUSH: drop everything, or the listed users' entries, in every process; how many."""

@@ -3,8 +3,8 @@
 It builds the same Server from the same config file, without listeners, metrics endpoint
 or script watcher of its own, and obeys its control socket (see authd.workers): it serves
 handed-over connections, reloads when told, applies the other processes' penalty
-updates, answers for metrics and cache flushes, and stops when told or when the main
-process goes away.
+updates, reports its login clients and answers REQUEST for them, answers for metrics and
+cache flushes, and stops when told or when the main process goes away.
 """
 
 from __future__ import annotations
@@ -13,15 +13,20 @@ import argparse
 import socket
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import structlog
 import trio
 
 from authd.control import ControlChannel
 from authd.logging import configure
+from authd.login_request import FAILED, LoginRequestArgs, finish_login
 from authd.scheduling import serve_in_arrival_order
 from authd.server import Server
 from config import load_config
 from config.schema import ListenerSettings
+
+log = structlog.get_logger("authd.worker")
 
 
 async def run(server: Server, channel: ControlChannel) -> None:
@@ -31,6 +36,7 @@ async def run(server: Server, channel: ControlChannel) -> None:
             {"op": "penalty", "ident": ident, "value": value, "checksum": checksum}
         )
         server.request_reload = lambda reason: channel.send({"op": "reload", "reason": reason})
+        server.on_login_client = lambda pid, served: channel.send({"op": "login" if served else "logout", "pid": pid})
         await nursery.start(_serve, server, nursery.cancel_scope)
         channel.send({"op": "ready"})
         server.shutdown(await _obey(server, channel, nursery))
@@ -72,11 +78,25 @@ async def _obey(server: Server, channel: ControlChannel, nursery: trio.Nursery) 
             server.penalty.apply(message["ident"], message["value"], message["checksum"])
         elif op == "metrics":
             channel.send({"op": "answer", "id": message["id"], "value": server.metrics.render().decode()})
+        elif op == "request":
+            nursery.start_soon(_login_request, server, channel, message)
+        elif op == "secret":
+            server.token_secret = bytes.fromhex(message["value"])
         elif op == "cache-flush":
             users = tuple(user.encode("latin-1") for user in message["users"])
             channel.send({"op": "answer", "id": message["id"], "value": server.flush_local_cache(users)})
         elif op == "stop":
             return "the main process asked"
+
+
+async def _login_request(server: Server, channel: ControlChannel, message: dict[str, Any]) -> None:
+    """REQUEST for a login this worker served; the main process writes the reply."""
+    try:
+        reply = await finish_login(server, LoginRequestArgs.from_message(message))
+    except Exception:
+        log.exception("master.internal_error", request_id=message["request_id"])
+        reply = FAILED
+    channel.send({"op": "answer", "id": message["id"], "value": reply.to_message()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,20 @@
 """Worker processes: more CPUs for the connections that need nothing from each other.
 
 One Python process spends one core. The main process accepts every connection; client
-(auth_only, e.g. Postfix) and userdb connections go in turn to itself and to workers,
-each a full authd with its own scripts, Lua states, HTTP pools and auth cache, started
-as `python -m authd.worker` with a control socket (authd.control). Login and master
-connections stay in the main process: a login's cookie must meet its REQUEST.
+(auth_only, e.g. Postfix), login and userdb connections go in turn to itself and to
+workers, each a full authd with its own scripts, Lua states, HTTP pools and auth cache,
+started as `python -m authd.worker` with a control socket (authd.control). Master
+connections stay in the main process, and every process greets with the main process's
+pid as SPID: to its clients authd is one auth server (Dovecot's post-login step checks
+that the login's server is the one it asks).
 
 What is shared goes through the main process: penalty updates (relayed to every other
 process), reloads (the main process reloads first, workers follow), CACHE-FLUSH (every
-process flushes; the reply counts all), the metrics page (the processes' samples summed)
-and a SIGHUP a worker gets (it asks the main process to reload). A worker that dies is
-started again; the connections it held are lost, as with a crashed Dovecot auth process.
+process flushes; the reply counts all), REQUEST for a login a worker served (that worker
+answers it; workers report the login clients they serve), the secret of auth tokens, the
+metrics page (the processes' samples summed) and a SIGHUP a worker gets (it asks the main
+process to reload). A worker that dies is started again; the connections it held are
+lost, as with a crashed Dovecot auth process.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ ANSWER_TIMEOUT = 2.0
 RESTART_DELAY = 1.0
 
 #: Listener types whose connections may be served by any process.
-SHARED_TYPES = ("client", "userdb")
+SHARED_TYPES = ("client", "login", "userdb")
 
 
 class WorkerStartError(Exception):
@@ -65,6 +69,9 @@ class Hooks:
 
     apply_penalty: Callable[[str, int, int], None]
     reload: Callable[[str], None]
+    #: Whether the main process itself serves a login client with this pid.
+    serves_login: Callable[[int], bool]
+    token_secret: bytes
 
 
 class WorkerPool:
@@ -75,6 +82,8 @@ class WorkerPool:
         self._turn = itertools.cycle(range(count))
         self._stopping = False
         self._answers: dict[int, tuple[trio.Event, list[Any], int]] = {}
+        #: Which worker serves the login client with a given pid.
+        self._logins: dict[int, _Worker] = {}
         self._answer_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
 
@@ -115,6 +124,7 @@ class WorkerPool:
                 theirs.close()
             worker.pid = process.pid
             worker.channel = channel = ControlChannel(ours)
+            channel.send({"op": "secret", "value": self._hooks.token_secret.hex()})
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(channel.run_sender)
@@ -123,6 +133,8 @@ class WorkerPool:
             finally:
                 worker.ready = False
                 channel.close()
+                for pid in [pid for pid, owner in self._logins.items() if owner is worker]:
+                    del self._logins[pid]
                 with trio.CancelScope(shield=True), trio.move_on_after(STOP_GRACE):
                     await process.wait()
                 if process.returncode is None:
@@ -162,6 +174,10 @@ class WorkerPool:
                         waiting[0].set()
             elif op == "reload":
                 self._hooks.reload(f"worker {worker.index}: {message.get('reason', 'asked')}")
+            elif op == "login":
+                self._login_client(worker, message["pid"])
+            elif op == "logout" and self._logins.get(message["pid"]) is worker:
+                del self._logins[message["pid"]]
 
     def hand_off(self, settings: ListenerSettings, connection: Closable) -> bool:
         """Give a newly accepted shared connection to the next process in turn.
@@ -185,14 +201,41 @@ class WorkerPool:
         worker.channel.send(message, connection)
         return True
 
+    def _login_client(self, worker: _Worker, pid: int) -> None:
+        owner = self._logins.get(pid)
+        if self._hooks.serves_login(pid) or (owner is not None and owner is not worker):
+            # Each process refuses a second connection with the pid as Dovecot does; across
+            # processes both stay, and REQUEST goes to the main process's, else the newest.
+            log.error(
+                "client.duplicate_pid",
+                message=f"BUG: Authentication client gave a PID {pid} of existing connection",
+                worker=worker.index,
+            )
+        self._logins[pid] = worker
+
+    def serves_login(self, pid: int) -> bool:
+        """Does a worker serve a login client with this pid?"""
+        return pid in self._logins
+
+    async def login_request(self, pid: int, message: Message, timeout: float) -> Any | None:
+        """REQUEST for a login a worker served: that worker's answer, or None if no worker
+        serves `pid` (or it did not answer within `timeout`)."""
+        worker = self._logins.get(pid)
+        if worker is None or not worker.ready:
+            return None
+        answers = await self.ask(message, [worker], timeout)
+        return answers[0] if answers else None
+
     def broadcast(self, message: Message, *, skip: _Worker | None = None) -> None:
         for worker in self._workers:
             if worker is not skip and worker.ready and worker.channel is not None:
                 worker.channel.send(message)
 
-    async def ask(self, message: Message) -> list[Any]:
-        """Send a question to every ready worker; their answers (those that came in time)."""
-        ready = [w for w in self._workers if w.ready and w.channel is not None]
+    async def ask(
+        self, message: Message, workers: list[_Worker] | None = None, timeout: float = ANSWER_TIMEOUT
+    ) -> list[Any]:
+        """Send a question to every ready worker (or those given); their answers (those in time)."""
+        ready = [w for w in (workers or self._workers) if w.ready and w.channel is not None]
         if not ready:
             return []
         ident = next(self._answer_ids)
@@ -202,7 +245,7 @@ class WorkerPool:
             for worker in ready:
                 assert worker.channel is not None
                 worker.channel.send({**message, "id": ident})
-            with trio.move_on_after(ANSWER_TIMEOUT):
+            with trio.move_on_after(timeout):
                 await event.wait()
         finally:
             del self._answers[ident]

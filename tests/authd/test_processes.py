@@ -1,7 +1,8 @@
 """[server] processes: client and userdb connections spread over worker processes, the rest shared.
 
-Each test runs a real authd with two processes (the main one and one worker) and tells
-them apart by the SPID each connection's greeting names.
+Each test runs a real authd with two processes (the main one and one worker). Both greet
+with the main process's pid as SPID; they tell themselves apart by their connection ids
+(CUID): process i of n hands out i+1, i+1+n, ..., so an odd CUID is the main process's.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ def worker_pid(authd: AuthdProcess) -> int:
     return int(ready["pid"])
 
 
-def spid(wire: Wire) -> int:
-    return int(wire.greeting_value("SPID"))
+MAIN, WORKER = 0, 1
+
+
+def process(wire: Wire) -> int:
+    """Which process serves an auth-client connection: MAIN or WORKER."""
+    return (int(wire.greeting_value("CUID")) - 1) % 2
 
 
 def plain(user: str, password: str) -> str:
@@ -70,17 +75,17 @@ def auth(wire: Wire, request_id: int, password: str = "right", extra: str = "") 
 
 
 def one_per_process(authd: AuthdProcess, socket_name: str = "auth-client") -> dict[int, Wire]:
-    """Open connections until both processes serve one; close the spare ones."""
-    by_spid: dict[int, Wire] = {}
+    """Open connections until both processes serve one (by MAIN / WORKER); close the spare ones."""
+    served: dict[int, Wire] = {}
     for cpid in range(100, 104):
         wire = Wire.auth_client(authd.socket(socket_name), timeout=20)
-        if spid(wire) in by_spid:
+        if process(wire) in served:
             wire.close()
             continue
         wire.send("VERSION\t1\t2", f"CPID\t{cpid}")
-        by_spid[spid(wire)] = wire
-    assert set(by_spid) == {authd.pid, worker_pid(authd)}
-    return by_spid
+        served[process(wire)] = wire
+    assert set(served) == {MAIN, WORKER}
+    return served
 
 
 def scrape(authd: AuthdProcess) -> str:
@@ -92,9 +97,10 @@ def scrape(authd: AuthdProcess) -> str:
 def test_client_connections_take_turns_between_the_processes(authd: AuthdProcess) -> None:
     wires = [Wire.auth_client(authd.socket("auth-client")) for _ in range(4)]
     try:
-        spids = [spid(w) for w in wires]
-        assert sorted(spids) == sorted([authd.pid, authd.pid, worker_pid(authd), worker_pid(authd)])
-        assert spids[0] != spids[1] and spids[1] != spids[2]  # in turn
+        assert [int(w.greeting_value("SPID")) for w in wires] == [authd.pid] * 4  # one server to clients
+        processes = [process(w) for w in wires]
+        assert sorted(processes) == [MAIN, MAIN, WORKER, WORKER]
+        assert processes[0] != processes[1] and processes[1] != processes[2]  # in turn
         cuids = [int(w.greeting_value("CUID")) for w in wires]
         assert len(set(cuids)) == 4  # unique over both processes
         for cpid, wire in enumerate(wires, 200):
@@ -108,22 +114,26 @@ def test_client_connections_take_turns_between_the_processes(authd: AuthdProcess
 
 
 def test_userdb_connections_are_shared_and_master_ones_stay(authd: AuthdProcess) -> None:
-    seen = set()
     for request_id in range(4):
         with Wire.auth_master(authd.socket("auth-userdb")) as w:
-            seen.add(int(w.greeting_value("SPID")))
+            assert int(w.greeting_value("SPID")) == authd.pid
             w.send("VERSION\t1\t0", f"USER\t{request_id}\tbob\tservice=lmtp")
             assert w.read_line() == f"USER\t{request_id}\tbob\tuid=1000\thome=/home/bob"
-    assert seen == {authd.pid, worker_pid(authd)}
-    for _ in range(3):
+    for request_id in range(4, 7):
         with Wire.auth_master(authd.socket("auth-master")) as w:
-            assert int(w.greeting_value("SPID")) == authd.pid
+            w.send("VERSION\t1\t0", f"USER\t{request_id}\tbob\tservice=lmtp")
+            assert w.read_line() == f"USER\t{request_id}\tbob\tuid=1000\thome=/home/bob"
+    lookups = [e for e in authd.log_events() if e.get("event") == "auth.request" and e.get("command") == "USER"]
+    assert [e.get("worker", MAIN) for e in lookups[:4]].count(WORKER) == 2  # userdb: in turn
+    assert [e.get("worker", MAIN) for e in lookups[4:]] == [MAIN] * 3  # master: the main process
 
 
-def test_logins_stay_in_the_main_process_and_meet_their_request(authd: AuthdProcess) -> None:
-    for cpid in (300, 301, 302):
+def test_logins_in_either_process_meet_their_request(authd: AuthdProcess) -> None:
+    served = []
+    for cpid in (300, 301, 302, 303):
         with Wire.auth_client(authd.socket("auth-login")) as login:
-            assert spid(login) == authd.pid
+            assert int(login.greeting_value("SPID")) == authd.pid
+            served.append(process(login))
             cookie = login.greeting_value("COOKIE")
             login.send(
                 "VERSION\t1\t2", f"CPID\t{cpid}", f"AUTH\t1\tPLAIN\tservice=imap\tresp={plain('carol', 'right')}"
@@ -132,12 +142,32 @@ def test_logins_stay_in_the_main_process_and_meet_their_request(authd: AuthdProc
             with Wire.auth_master(authd.socket("auth-master")) as master:
                 master.send("VERSION\t1\t0", f"REQUEST\t7\t{cpid}\t1\t{cookie}")
                 assert master.read_line() == "USER\t7\tcarol\tuid=1000\thome=/home/carol\tauth_mech=PLAIN"
+                # one-shot, as in Dovecot; a wrong cookie fails too
+                master.send(f"REQUEST\t8\t{cpid}\t1\t{cookie}", f"REQUEST\t9\t{cpid}\t1\t{'0' * 32}")
+                assert [master.read_line(), master.read_line()] == ["FAIL\t8", "FAIL\t9"]
+    assert sorted(served) == [MAIN, MAIN, WORKER, WORKER]
+    # the process that served the login checked its REQUESTs
+    errors = [(e.get("worker", MAIN), e["message"]) for e in authd.log_events() if e.get("event") == "master.request"]
+    expected = []
+    for cpid, by in zip((300, 301, 302, 303), served, strict=True):
+        expected += [
+            (by, f"Master request {cpid}.1 not found"),
+            (by, f"Master requested auth for client {cpid} with invalid cookie"),
+        ]
+    assert errors == expected
+
+
+def test_request_for_an_unknown_login_client_fails(authd: AuthdProcess) -> None:
+    with Wire.auth_master(authd.socket("auth-master")) as master:
+        master.send("VERSION\t1\t0", f"REQUEST\t3\t4242\t1\t{'0' * 32}")
+        assert master.read_line() == "FAIL\t3"
+    authd.wait_for_log(lambda e: e.get("message") == "Master requested auth for nonexistent client 4242")
 
 
 def test_a_failure_in_one_process_costs_a_penalty_in_the_other(authd: AuthdProcess) -> None:
     wires = one_per_process(authd)
     try:
-        first, second = wires[worker_pid(authd)], wires[authd.pid]
+        first, second = wires[WORKER], wires[MAIN]
         assert auth(first, 1, "wrong", "\trip=192.0.2.10") == "FAIL\t1\tuser=alice"
         time.sleep(0.3)  # the update travels through the main process
         started = time.monotonic()
@@ -205,14 +235,17 @@ def test_a_worker_that_dies_is_started_again(authd: AuthdProcess) -> None:
     os.kill(old, signal.SIGKILL)
     exited = authd.wait_for_log(lambda e: e.get("event") == "worker.exited")
     assert exited["pid"] == old and exited["status"] == -signal.SIGKILL
-    new = authd.wait_for_log(lambda e: e.get("event") == "worker.ready" and e["pid"] != old, timeout=30)["pid"]
-    spids = set()
+    authd.wait_for_log(lambda e: e.get("event") == "worker.ready" and e["pid"] != old, timeout=30)
+    before = len(authd.log_events())
+    served = set()
     for cpid in range(400, 404):
         with Wire.auth_client(authd.socket("auth-client")) as wire:
-            spids.add(spid(wire))
+            served.add(process(wire))
             wire.send("VERSION\t1\t2", f"CPID\t{cpid}")
             assert auth(wire, 1) == "OK\t1\tuser=alice\tquota=1"
-    assert spids == {authd.pid, new}
+    assert served == {MAIN, WORKER}
+    requests = [e for e in authd.log_events()[before:] if e.get("event") == "auth.request"]
+    assert sorted(e.get("worker", MAIN) for e in requests) == [MAIN, MAIN, WORKER, WORKER]
 
 
 def test_sigterm_stops_every_process(authd: AuthdProcess) -> None:
@@ -261,7 +294,7 @@ def test_commands_a_script_runs_inherit_no_connection(tmp_path: Path) -> None:
         wires = one_per_process(authd)
         try:
             for pid, wire in wires.items():
-                user = "worker" if pid != authd.pid else "main"
+                user = "worker" if pid == WORKER else "main"
                 wire.send(f"AUTH\t1\tPLAIN\tservice=smtp\tresp={plain(user, 'right')}")
                 assert wire.read_line() == f"OK\t1\tuser={user}"
         finally:
@@ -271,3 +304,22 @@ def test_commands_a_script_runs_inherit_no_connection(tmp_path: Path) -> None:
             assert (user, (tmp_path / f"sockets-{user}").read_text()) == (user, "0\n")
     finally:
         authd.stop()
+
+
+def test_a_login_pid_seen_in_two_processes_is_logged(authd: AuthdProcess) -> None:
+    """Dovecot refuses a second connection with a live client's pid; across processes authd
+    notices it after the fact, logs Dovecot's error, and keeps both."""
+    first = Wire.auth_client(authd.socket("auth-login"))
+    second = Wire.auth_client(authd.socket("auth-login"))
+    try:
+        assert process(first) != process(second)
+        for request_id, wire in enumerate((first, second), 1):
+            wire.send(
+                "VERSION\t1\t2", "CPID\t600", f"AUTH\t{request_id}\tPLAIN\tservice=imap\tresp={plain('dave', 'right')}"
+            )
+            assert wire.read_line() == f"OK\t{request_id}\tuser=dave\tquota=1"
+        duplicate = authd.wait_for_log(lambda e: e.get("event") == "client.duplicate_pid")
+        assert duplicate["message"] == "BUG: Authentication client gave a PID 600 of existing connection"
+    finally:
+        first.close()
+        second.close()

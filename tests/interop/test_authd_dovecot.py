@@ -199,6 +199,17 @@ def test_route_a_imap_login(route_a: DovecotImap) -> None:
     assert login_and_count(route_a) >= 0
 
 
+def test_route_a_logins_in_both_processes_reach_the_mailbox(route_a: DovecotImap, authd: AuthdProcess) -> None:
+    """Each imap-login process has its own auth connection, dealt in turn: a login served by
+    the worker passes Dovecot's post-login checks (SPID, cookie, REQUEST) like one served by
+    the main process."""
+    before = len(authd.log_events())
+    for _ in range(4):
+        assert login_and_count(route_a) >= 0
+    logins = [e for e in authd.log_events()[before:] if e.get("event") == "auth.request" and e.get("service") == "imap"]
+    assert len(logins) == 4 and {e.get("worker", 0) for e in logins} == {0, 1}
+
+
 def test_route_a_imap_authenticate_plain(route_a: DovecotImap) -> None:
     conn = imap_connect(route_a.imap_port)
     try:

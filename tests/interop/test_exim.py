@@ -65,4 +65,3 @@ def test_exim_rejects_what_authd_fails(exim: ThrowawayExim, mech: str, user: str
     code, transcript = swaks(exim.port, mech=mech, user=user, password="wrong")
     assert code == SWAKS_AUTH_REJECTED, transcript
     assert "535 Incorrect authentication data" in transcript
-
