@@ -1,4 +1,4 @@
-"""Worker processes: more CPUs for the connections that need nothing from each other.
+"""Worker processes: the CPUs beyond the first one for authd's connections.
 
 One Python process spends one core. The main process accepts every connection; client
 (auth_only, e.g. Postfix), login and userdb connections go in turn to itself and to
