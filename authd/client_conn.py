@@ -47,6 +47,13 @@ log = structlog.get_logger("authd.client")
 RECEIVE_SIZE = 65536
 
 
+def log_duplicate_pid(pid: int, **context: object) -> None:
+    """Dovecot's error for a login client pid that another live connection has."""
+    log.error(
+        "client.duplicate_pid", message=f"BUG: Authentication client gave a PID {pid} of existing connection", **context
+    )
+
+
 class ClientConnection:
     """Serves one connected auth client until it disconnects or breaks the protocol."""
 
@@ -147,10 +154,7 @@ class ClientConnection:
     def _connected(self, event: ClientConnected) -> bool:
         if self.server.register_client(self, event.pid):
             return True
-        log.error(
-            "client.duplicate_pid",
-            message=f"BUG: Authentication client gave a PID {event.pid} of existing connection",
-        )
+        log_duplicate_pid(event.pid)
         self._closed = True
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()

@@ -153,8 +153,6 @@ def merge_pages(pages: Iterable[bytes]) -> bytes:
                 totals[family.name] = {}
             samples = totals[family.name]
             for sample in family.samples:
-                if sample.name.endswith("_created"):
-                    continue
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 samples[key] = samples.get(key, 0.0) + sample.value
     for name, family in families.items():

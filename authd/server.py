@@ -28,7 +28,7 @@ from authd import systemd
 from authd.auth_request import AuthRequest, UsernameRules
 from authd.cache import AuthCache
 from authd.cache_glue import PassdbCache, UserdbCache
-from authd.client_conn import ClientConnection
+from authd.client_conn import ClientConnection, log_duplicate_pid
 from authd.databases import build_passdbs, build_userdbs, lua_drivers, lua_pools
 from authd.failure_delay import FailureDelay
 from authd.listeners import ListenerError, open_listener, set_permissions
@@ -84,8 +84,9 @@ class Server:
         #: The worker processes, when this main process has any (started by serve()).
         self.workers: WorkerPool | None = None
         self.token_secret = secrets.token_bytes(32)  # a worker gets the main process's (authd.worker)
+        self.login_clients: dict[int, ClientConnection] = {}
         if worker is None and processes > 1:
-            hooks = Hooks(self._apply_penalty, self._reload_soon, self.login_clients_has, self.token_secret)
+            hooks = Hooks(self._apply_penalty, self._reload_soon, self.login_clients.__contains__, self.token_secret)
             self.workers = WorkerPool(processes, self._worker_command(), hooks)
         #: How a SIGHUP (or a worker's) asks for a reload; a worker asks its main process instead.
         self.request_reload: Callable[[str], None] = self._reload_soon
@@ -124,7 +125,6 @@ class Server:
         self._watch_scope = trio.CancelScope()
         self._metrics_scope = trio.CancelScope()
         self.metrics_port: int | None = None
-        self.login_clients: dict[int, ClientConnection] = {}
         #: Told when a login client's pid starts or stops being served here (a worker tells its main process).
         self.on_login_client: Callable[[int, bool], None] | None = None
         self.clients: set[ClientConnection] = set()
@@ -228,16 +228,11 @@ class Server:
         if old is not None and old is not conn and not old.closed:
             return False
         if self.workers is not None and self.workers.serves_login(pid):
-            log.error(
-                "client.duplicate_pid", message=f"BUG: Authentication client gave a PID {pid} of existing connection"
-            )
+            log_duplicate_pid(pid)  # served by a worker too: REQUESTs find this one
         self.login_clients[pid] = conn
         if self.on_login_client is not None:
             self.on_login_client(pid, True)
         return True
-
-    def login_clients_has(self, pid: int) -> bool:
-        return pid in self.login_clients
 
     def forget_client(self, conn: ClientConnection) -> None:
         self.clients.discard(conn)

@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 import trio
 
+from authd.client_conn import log_duplicate_pid
 from authd.control import Closable, ControlChannel, Message, socketpair
 from config.schema import ListenerSettings
 
@@ -70,7 +71,7 @@ class Hooks:
     apply_penalty: Callable[[str, int, int], None]
     reload: Callable[[str], None]
     #: Whether the main process itself serves a login client with this pid.
-    serves_login: Callable[[int], bool]
+    main_serves_login: Callable[[int], bool]
     token_secret: bytes
 
 
@@ -203,14 +204,10 @@ class WorkerPool:
 
     def _login_client(self, worker: _Worker, pid: int) -> None:
         owner = self._logins.get(pid)
-        if self._hooks.serves_login(pid) or (owner is not None and owner is not worker):
+        if self._hooks.main_serves_login(pid) or (owner is not None and owner is not worker):
             # Each process refuses a second connection with the pid as Dovecot does; across
             # processes both stay, and REQUEST goes to the main process's, else the newest.
-            log.error(
-                "client.duplicate_pid",
-                message=f"BUG: Authentication client gave a PID {pid} of existing connection",
-                worker=worker.index,
-            )
+            log_duplicate_pid(pid, worker=worker.index)
         self._logins[pid] = worker
 
     def serves_login(self, pid: int) -> bool:

@@ -1,7 +1,7 @@
 """A throwaway Exim 4.96 daemon whose SMTP AUTH goes through the `dovecot` authenticator.
 
     workdir = make_workdir("exim")
-    with ThrowawayExim(workdir, ref.socket("auth-client"), mechanisms=("PLAIN", "LOGIN")) as exim:
+    with running("exim", ThrowawayExim(workdir, ref.socket("auth-client"), mechanisms=("PLAIN", "LOGIN"))) as exim:
         code, transcript = swaks(exim.port, mech="PLAIN", user="alice", password="alicepass")
 
 Debian's Exim and Postfix conflict as packages, so scripts/bootstrap unpacks
@@ -19,8 +19,6 @@ import os
 import pwd
 import subprocess
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from .procs import free_port, greets, is_running, stop_session, wait_until
 
@@ -117,12 +115,3 @@ class ThrowawayExim:
             return
         pid, self.pid = self.pid, None
         stop_session(pid, None, timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
