@@ -7,6 +7,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -31,7 +32,7 @@ class Conversation:
         self.log: list[str] = []
         self.unordered: list[tuple[str, bytes]] = []
 
-    def fail(self, problem: str) -> None:
+    def fail(self, problem: str) -> NoReturn:
         pytest.fail(problem + "\n--- conversation ---\n" + "\n".join(self.log), pytrace=False)
 
     def connect(self, name: str, socket_name: str) -> None:

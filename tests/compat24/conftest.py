@@ -49,7 +49,7 @@ def _exchange(path: Path, request: bytes, last: tuple[bytes, ...]) -> list[bytes
         sock.settimeout(20)
         sock.connect(str(path))
         sock.sendall(request)
-        buffer, lines = b"", []
+        buffer, lines = b"", list[bytes]()
         while True:
             data = sock.recv(65536)
             if not data:

@@ -240,7 +240,7 @@ async def test_interleaved_slices_in_threads_take_turns(script_path: Path) -> No
         finally:
             inside[0] -= 1
 
-    script.state.begin = watched  # type: ignore[method-assign]
+    script.state.begin = watched  # type: ignore[method-assign,assignment]
     results = await run_calls(pool, 4, 0.2)
     assert sorted(int(dict(r.fields)[b"peak"]) for r in results) == [4, 4, 4, 4]
     assert overlaps == [1, 1, 1, 1]

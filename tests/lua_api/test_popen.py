@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,10 +12,8 @@ from lua_api.runtime import StateOptions, run_in_loop
 from tests.lua_api.conftest import request
 
 
-async def fields(load_script: Callable[..., object], body: str, **options: object) -> dict[bytes, bytes]:
-    script = await load_script(  # type: ignore[operator]
-        f"function auth_passdb_lookup(req)\n{body}\nend\n", StateOptions(**options)
-    )
+async def fields(load_script: Callable[..., Any], body: str, **options: Any) -> dict[bytes, bytes]:
+    script = await load_script(f"function auth_passdb_lookup(req)\n{body}\nend\n", StateOptions(**options))
     result = await script.passdb_lookup(request(), run_in_loop)
     assert result.error is None, result.error
     return dict(result.fields)
@@ -86,9 +85,7 @@ async def test_writing_to_a_command(load_script: Callable[..., object], tmp_path
         ('io.popen("true"):read("x")', "bad argument #1 to 'read' (invalid format)"),
     ],
 )
-async def test_misuse_raises_like_lua(load_script: Callable[..., object], call: str, message: str) -> None:
-    script = await load_script(  # type: ignore[operator]
-        f"function auth_passdb_lookup(req)\n{call}\nreturn 1, ''\nend\n"
-    )
+async def test_misuse_raises_like_lua(load_script: Callable[..., Any], call: str, message: str) -> None:
+    script = await load_script(f"function auth_passdb_lookup(req)\n{call}\nreturn 1, ''\nend\n")
     result = await script.passdb_lookup(request(), run_in_loop)
     assert result.error is not None and message in result.error

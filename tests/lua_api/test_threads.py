@@ -93,8 +93,13 @@ async def test_jobs_are_given_up_at_their_time() -> None:
 async def test_waiting_cannot_be_cancelled_from_outside() -> None:
     runner = ThreadRunner(trio.CapacityLimiter(1))
     done: list[str] = []
+
+    def slow() -> None:
+        time.sleep(0.1)
+        done.append("ran")
+
     with trio.move_on_after(0.01) as scope:
-        await runner.run(lambda: time.sleep(0.1) or done.append("ran"), math.inf)
+        await runner.run(slow, math.inf)
         done.append("returned")
         await trio.sleep(0)  # the cancellation comes at the next checkpoint
         done.append("not reached")
