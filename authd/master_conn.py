@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -51,8 +52,9 @@ def peer_credentials(stream: trio.SocketStream) -> tuple[int, int, int] | None:
 
 
 def restricted_uid(path: str | None, creds: tuple[int, int, int] | None) -> int | None:
-    """Dovecot's 0666-userdb-socket rule: a peer owning neither the socket's uid nor gid
-    may only look up users whose userdb uid is its own (and may not PASS or LIST)."""
+    """Dovecot's rule for a 0666 auth-userdb socket: a peer that is not root and has neither
+    the socket's uid nor its gid may only look up users whose userdb uid is its own (no PASS,
+    no LIST). Any other mode already limits who connects, so it means no check."""
     if path is None or creds is None:
         return None
     try:
@@ -62,9 +64,17 @@ def restricted_uid(path: str | None, creds: tuple[int, int, int] | None) -> int 
     if stat.S_IMODE(st.st_mode) & 0o777 != 0o666:
         return None
     _, uid, gid = creds
-    if uid == st.st_uid or gid == st.st_gid:
+    if uid == 0 or uid == st.st_uid or gid == st.st_gid:
         return None
     return uid
+
+
+def _restricted_reason(path: str, uid: int) -> str:
+    try:
+        name = f"({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        name = ""
+    return f"{path} mode=0666, but not owned by UID {uid}{name}"
 
 
 class MasterConnection:
@@ -77,7 +87,8 @@ class MasterConnection:
         self.path = path
         self.proto = AuthMasterServer(server.spid, userdb_only=userdb_only)
         self.creds = peer_credentials(stream)
-        self.restricted_uid = restricted_uid(path, self.creds)
+        # Only userdb sockets are checked; a master socket's mode is all there is.
+        self.restricted_uid = restricted_uid(path, self.creds) if userdb_only else None
         self._outbox = Outbox(stream, self.proto.data_to_send)
 
     async def run(self) -> None:
@@ -175,10 +186,18 @@ class MasterConnection:
         reply = req.userdb_reply
         if result == UserdbResult.OK and self.restricted_uid is not None:
             uid = reply.find(b"uid") if reply is not None else None
-            if uid is None or not uid.isdigit() or int(uid) != self.restricted_uid:
+            if uid is None:
+                problem = "userdb reply doesn't contain uid"
+            elif not uid.isdigit() or int(uid) > 0xFFFFFFFF:
+                problem = "userdb reply contains invalid uid"
+            elif int(uid) != self.restricted_uid:
+                problem = f"userdb uid ({int(uid)}) doesn't match peer uid ({self.restricted_uid})"
+            else:
+                problem = None
+            if problem is not None:
                 log.error(
                     "userdb.restricted",
-                    message="client doesn't have lookup permissions for this user "
+                    message=f"client doesn't have lookup permissions for this user: {problem} "
                     f"(to bypass this check, set mode = 0o777 on {self.where})",
                     **req.log_context(),
                 )
@@ -198,8 +217,8 @@ class MasterConnection:
         if self.restricted_uid is not None:
             log.error(
                 "passdb.restricted",
-                message=f"Auth client doesn't have permissions to do a PASS lookup: {self.where} mode=0666, "
-                f"but not owned by UID {self.restricted_uid}",
+                message="Auth client doesn't have permissions to do a PASS lookup: "
+                + _restricted_reason(self.where, self.restricted_uid),
                 **req.log_context(),
             )
             self.proto.failed(req.id)
@@ -226,7 +245,11 @@ class MasterConnection:
 
     async def _list(self, event: ListUsers) -> None:
         if self.restricted_uid is not None:
-            log.error("userdb.restricted", message="Auth client doesn't have permissions to list users")
+            log.error(
+                "userdb.restricted",
+                message="Auth client doesn't have permissions to list users: "
+                + _restricted_reason(self.where, self.restricted_uid),
+            )
             self.proto.list_done(event.request_id, failed=True)
             return
         with self.server.generation.use() as generation:
