@@ -9,6 +9,7 @@ worker process, without listeners, fed connections by the main one (authd.worker
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import logging
@@ -115,7 +116,7 @@ class Server:
         self._http.on_response = self._observe_http
         self._dns = DnsExtension()
         self._generation_numbers = itertools.count(1)
-        self.generation = self._build_generation(config)
+        self.generation = self._build_generation(config, self.cache)
         self._reload_lock = trio.Lock()
         #: Old generations waiting for their last calls (closed at shutdown if still waiting).
         self._retiring: set[Generation] = set()
@@ -149,7 +150,9 @@ class Server:
     def userdbs(self) -> UserdbChain:
         return self.generation.userdbs
 
-    def _build_generation(self, config: Config) -> Generation:
+    def _build_generation(self, config: Config, cache: AuthCache | None) -> Generation:
+        """A generation of `config`, its passdbs and userdbs using `cache`; nothing of the
+        server changes (a reload that fails drops it)."""
         auth = config.auth
         rules = UsernameRules(
             chars=auth.username_chars,
@@ -170,9 +173,9 @@ class Server:
         for driver in lua_drivers(passdbs, userdbs):
             driver.pool.on_wait = self.metrics.pool_wait.labels(str(driver.path)).observe
             driver.on_failure = partial(self._count_lua_failure, str(driver.path))
-        if self.cache is not None:
-            passdbs.cache = PassdbCache(self.cache)
-            userdbs.cache = UserdbCache(self.cache)
+        if cache is not None:
+            passdbs.cache = PassdbCache(cache)
+            userdbs.cache = UserdbCache(cache)
         return Generation(next(self._generation_numbers), config, rules, mechanisms, passdbs, userdbs)
 
     def _count_lua_failure(self, script: str, kind: str) -> None:
@@ -425,27 +428,31 @@ class Server:
                 log.error("reload.failed", reason=reason, message=str(exc))
                 return False
             config = self._share_of(config)
-        if config.cache != self.config.cache:
-            self.cache = _new_cache(config.cache)
-        new = self._build_generation(config)
+        # Everything the new config needs is built and opened beside the serving one; the
+        # server itself changes only at the switch, so a reload that fails changes nothing.
+        cache = _new_cache(config.cache) if config.cache != self.config.cache else self.cache
+        new = self._build_generation(config, cache)
         baseline = self.watcher.snapshot(script_files(config))  # before loading: see edits made meanwhile
+        opened: list[ListenerInfo] = []
         try:
             await new.start()
-            opened = self._open_added_listeners(config) if self._listeners_from_config else []
+            if self._listeners_from_config:
+                opened = self._open_added_listeners(config)
+                self._update_permissions(config)
         except (ScriptLoadError, ListenerError) as exc:
             log.error("reload.failed", reason=reason, message=str(exc))
+            for info in opened:
+                _discard_listener(info)
             with trio.CancelScope(shield=True):
                 await new.close()
-            if config.cache != self.config.cache:
-                self.cache = _new_cache(self.config.cache)
             return False
         # The switch: nothing below awaits until every request sees the new generation.
-        old, old_config = self.generation, self.config
-        self.generation, self.config = new, config
+        old, old_config, old_cache = self.generation, self.config, self.cache
+        self.generation, self.config, self.cache = new, config, cache
         self.failure_delay.delay = config.auth.failure_delay
         self.penalty.configure(config.auth.trusted_networks, enabled=config.auth.penalty)
         self.limiter.total_tokens = config.lua.workers
-        flushed = self.cache.clear() if self.cache is not None else 0
+        flushed = old_cache.clear() if old_cache is not None else 0  # the old scripts' answers
         self._retiring.add(old)
         self._nursery.start_soon(self._retire, old)
         if self._listeners_from_config:
@@ -486,11 +493,26 @@ class Server:
                     opened.append(ListenerInfo(settings, open_listener(settings)))
         except ListenerError:
             for info in opened:
-                info.listener.socket.close()
-                if info.settings.path is not None:
-                    info.settings.path.unlink(missing_ok=True)
+                _discard_listener(info)
             raise
         return opened
+
+    def _update_permissions(self, config: Config) -> None:
+        """Give kept unix sockets the new config's mode and owner; if one cannot have them,
+        put back the old ones and raise ListenerError."""
+        wanted = {settings.where: settings for settings in config.listeners}
+        done: list[ListenerSettings] = []
+        try:
+            for info in self.listeners:
+                settings = wanted.get(info.settings.where)
+                if settings is not None and settings.path is not None and settings != info.settings:
+                    done.append(info.settings)
+                    set_permissions(settings)
+        except ListenerError:
+            for old in done:
+                with contextlib.suppress(ListenerError):
+                    set_permissions(old)
+            raise
 
     async def _switch_listeners(self, config: Config, opened: list[ListenerInfo]) -> None:
         """Keep listeners the new config still has (their sockets and connections), update
@@ -503,12 +525,7 @@ class Server:
                 await self._close_listener(info, unlink=True)
                 log.info("listener.closed", type=info.settings.type, where=info.settings.where)
                 continue
-            if settings != info.settings:
-                if settings.path is not None:
-                    try:
-                        set_permissions(settings)
-                    except ListenerError as exc:
-                        log.error("listener.permissions", where=settings.where, message=str(exc))
+            if settings != info.settings:  # its permissions were set before the switch
                 info.settings = settings
                 log.info("listener.updated", type=settings.type, where=settings.where)
             kept.append(info)
@@ -647,6 +664,13 @@ def _process_count(config: Config, listeners: list[ListenerInfo] | None) -> int:
 def _environment(config: Config) -> dict[str, str]:
     """What scripts see of the environment: only [lua] import_environment, like Dovecot."""
     return {name: os.environ[name] for name in config.lua.import_environment if name in os.environ}
+
+
+def _discard_listener(info: ListenerInfo) -> None:
+    """Close a listener a failed reload opened, before anything accepted on it."""
+    info.listener.socket.close()
+    if info.settings.path is not None:
+        info.settings.path.unlink(missing_ok=True)
 
 
 def _new_cache(settings: CacheSettings) -> AuthCache | None:
