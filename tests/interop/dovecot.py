@@ -1,4 +1,4 @@
-"""Throwaway Dovecot 2.3 instances for interop tests, and wrappers around Dovecot's own tools.
+"""Throwaway Dovecot 2.3 and 2.4 instances for interop tests, and wrappers around Dovecot's own tools.
 
 `ReferenceDovecot` is a Dovecot whose *own* auth process serves the auth sockets: the stand-in
 for authd in differential tests, configured from Python (passdb/userdb blocks as config text):
@@ -30,11 +30,21 @@ user pass`, `auth lookup -a SOCK user`, `user -a SOCK user`, `auth cache flush -
 taking `-x key=value` for request fields. Exit codes: 0 ok, 77 auth failed, 67 user unknown,
 75 temporary failure (e.g. cannot connect).
 
+Which Dovecot runs is a `DovecotBuild`: the host's (`HOST`, Debian 12: 2.3.19, Debian 13:
+2.4.1) or the other release's from the root filesystem scripts/bootstrap builds in
+.cache/dovecot-<codename>/ (`dovecot_build("2.4")`, None if absent). Every instance, db_block,
+doveadm and dovecot_lda take `build=` (default HOST) and write that build's config dialect
+(dovecot_config_version = 2.4.0, passwd_file_path, mail_driver, `listen` ...). A chroot build
+runs in a private mount namespace (`unshare --mount`) with the host's /tmp bind-mounted over its
+/tmp, so every workdir, socket and log has the same path inside and out and the sockets are on
+the host; the master's PID is still the Popen's.
+
 Every instance is stopped by PID (`stop()`, also on `__exit__`); see procs.stop_session.
 """
 
 from __future__ import annotations
 
+import functools
 import grp
 import imaplib
 import os
@@ -51,6 +61,7 @@ from .procs import free_port, greets, stop_session
 from .wire import Wire, WireError
 
 ROUTE_A_CONF = Path(__file__).resolve().parents[2] / "deploy" / "dovecot" / "99-authd-route-a.conf"
+CACHE = Path(__file__).resolve().parents[2] / ".cache"
 DOVECOT = "/usr/sbin/dovecot"
 DOVEADM = "/usr/bin/doveadm"
 DOVECOT_LDA = "/usr/lib/dovecot/dovecot-lda"
@@ -60,16 +71,111 @@ MAIL_USER = "nobody"
 MAIL_GROUP = "nogroup"
 
 
+Dialect = Literal["2.3", "2.4"]
+
+
+@dataclass(frozen=True)
+class DovecotBuild:
+    """One Dovecot installation: the host's (ROOT None) or the one in the root filesystem ROOT."""
+
+    root: Path | None
+    version: str
+    """`dovecot --version`, e.g. "2.4.1-4 (7d8c0e5759)"."""
+
+    @property
+    def dialect(self) -> Dialect:
+        return "2.3" if self.version.startswith(("2.2.", "2.3.")) else "2.4"
+
+    @property
+    def label(self) -> str:
+        return f"Dovecot {self.version.split()[0]} ({'host' if self.root is None else f'chroot {self.root}'})"
+
+    def argv(self, command: list[str]) -> list[str]:
+        """COMMAND (absolute paths of this build) as the host runs it; it execs, so the PID stays."""
+        if self.root is None:
+            return command
+        script = 'mount --bind /tmp "$0/tmp" && mount -t proc proc "$0/proc" && exec chroot "$0" "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(self.root), *command]
+
+    def has_user(self, name: str) -> bool:
+        if self.root is None:
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                return False
+            return True
+        passwd = (self.root / "etc" / "passwd").read_text()
+        return any(line.split(":", 1)[0] == name for line in passwd.splitlines())
+
+
+@functools.cache
+def host_build() -> DovecotBuild | None:
+    """The host's Dovecot, None if dovecot-core is not installed."""
+    if not Path(DOVECOT).exists():
+        return None
+    done = subprocess.run([DOVECOT, "--version"], capture_output=True, text=True, check=True)
+    return DovecotBuild(None, done.stdout.strip())
+
+
+def chroot_builds() -> list[DovecotBuild]:
+    """The root filesystems scripts/bootstrap completed (their .complete holds the version)."""
+    marks = sorted(CACHE.glob("dovecot-*/.complete"))
+    return [DovecotBuild(mark.parent, mark.read_text().strip()) for mark in marks]
+
+
+def dovecot_build(dialect: Dialect) -> DovecotBuild | None:
+    """A Dovecot speaking DIALECT: the host's if it does, else a chroot's; None if there is none."""
+    host = host_build()
+    if host is not None and host.dialect == dialect:
+        return host
+    return next((build for build in chroot_builds() if build.dialect == dialect), None)
+
+
+def _build(build: DovecotBuild | None) -> DovecotBuild:
+    if build is not None:
+        return build
+    host = host_build()
+    if host is None:
+        raise RuntimeError("Debian's dovecot-core is not installed")
+    return host
+
+
 def mail_ids() -> tuple[int, int]:
     """uid and gid the mail processes run as unless the userdb returns others."""
     return pwd.getpwnam(MAIL_USER).pw_uid, grp.getgrnam(MAIL_GROUP).gr_gid
 
 
-def db_block(kind: Literal["passdb", "userdb"], driver: str, args: str = "", **settings: str) -> str:
-    """Config text for one passdb/userdb block, e.g. db_block("passdb", "lua", "file=/x.lua blocking=no")."""
-    lines = [f"{kind} {{", f"  driver = {driver}"]
-    if args:
-        lines.append(f"  args = {args}")
+def db_block(
+    kind: Literal["passdb", "userdb"],
+    driver: str,
+    args: str = "",
+    *,
+    dialect: Dialect | None = None,
+    **settings: str,
+) -> str:
+    """Config text for one passdb/userdb block, e.g. db_block("passdb", "lua", "file=/x.lua blocking=no").
+
+    ARGS and SETTINGS are given as in 2.3; DIALECT (default: the host Dovecot's) "2.4" turns the
+    args of the drivers the tests use into 2.4 settings: passwd-file PATH (passwd_file_path),
+    lua `file=X blocking=no` (lua_file, use_worker), static `uid=U gid=G` (a fields block).
+    """
+    if (dialect or _build(None).dialect) == "2.3":
+        lines = [f"{kind} {{", f"  driver = {driver}"]
+        if args:
+            lines.append(f"  args = {args}")
+        lines += [f"  {key} = {value}" for key, value in settings.items()]
+        return "\n".join([*lines, "}", ""])
+    lines = [f"{kind} {driver} {{"]
+    words = dict(word.partition("=")[::2] if "=" in word else ("", word) for word in args.split())
+    if driver == "passwd-file" and set(words) <= {""}:
+        lines += [f"  passwd_file_path = {words['']}"] if words else []
+    elif driver == "lua" and set(words) <= {"file", "blocking"}:
+        lines.append(f"  lua_file = {words['file']}")
+        lines.append(f"  use_worker = {_yes(words.get('blocking', 'yes') == 'yes')}")
+    elif driver == "static" and "" not in words:
+        lines += ["  fields {", *(f"    {key} = {value}" for key, value in words.items()), "  }"]
+    elif args:
+        raise ValueError(f"no 2.4 form for {kind} {driver} args {args!r}")
     lines += [f"  {key} = {value}" for key, value in settings.items()]
     return "\n".join([*lines, "}", ""])
 
@@ -81,9 +187,11 @@ def _yes(flag: bool) -> str:
 class _Dovecot:
     """Lifecycle shared by both instance kinds: write the config, `dovecot -F`, probe, stop by PID."""
 
-    def __init__(self, workdir: Path, debug: bool, extra_config: str) -> None:
+    def __init__(self, workdir: Path, debug: bool, extra_config: str, build: DovecotBuild | None) -> None:
+        self.build = _build(build)
         for user in (LOGIN_USER, INTERNAL_USER, MAIL_USER):
-            pwd.getpwnam(user)  # KeyError now beats an obscure Dovecot start failure
+            if not self.build.has_user(user):  # now beats an obscure Dovecot start failure
+                raise KeyError(f"{self.build.label} has no user {user}")
         self.workdir = workdir
         self.debug = debug
         self.extra_config = extra_config
@@ -100,8 +208,14 @@ class _Dovecot:
         """One readiness check; True once the instance serves what tests need."""
         raise NotImplementedError
 
+    @property
+    def dialect(self) -> Dialect:
+        return self.build.dialect
+
     def config_text(self) -> str:
+        versions = "dovecot_config_version = 2.4.0\ndovecot_storage_version = 2.4.0\n" if self.dialect == "2.4" else ""
         return (
+            f"{versions}"
             f"base_dir = {self.base_dir}\n"
             f"state_dir = {self.workdir / 'state'}\n"
             f"instance_name = authd-{self.workdir.name}\n"
@@ -140,7 +254,7 @@ class _Dovecot:
         self.conf_path.chmod(0o644)
         with self._output_path.open("wb") as output:
             self._popen = subprocess.Popen(
-                [DOVECOT, "-F", "-c", str(self.conf_path)],
+                self.build.argv([DOVECOT, "-F", "-c", str(self.conf_path)]),
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -201,8 +315,9 @@ class ReferenceDovecot(_Dovecot):
         failure_delay: int = 0,
         debug: bool = False,
         extra_config: str = "",
+        build: DovecotBuild | None = None,
     ) -> None:
-        super().__init__(workdir, debug, extra_config)
+        super().__init__(workdir, debug, extra_config, build)
         self.databases = databases
         self.mechanisms = mechanisms
         self.failure_delay = failure_delay
@@ -212,8 +327,10 @@ class ReferenceDovecot(_Dovecot):
             f"  unix_listener {name} {{\n    mode = 0666\n  }}\n"
             for name in ("auth-client", "auth-login", "auth-master", "auth-userdb")
         )
+        cleartext = "auth_allow_cleartext = yes\n" if self.dialect == "2.4" else ""
         return (
             "protocols =\n"
+            f"{cleartext}"
             f"auth_mechanisms = {self.mechanisms}\n"
             f"auth_failure_delay = {self.failure_delay} secs\n"
             f"{self.databases}\n"
@@ -224,7 +341,7 @@ class ReferenceDovecot(_Dovecot):
         # The auth process starts on the first connection; a full greeting proves it initialised
         # its passdbs/userdbs (a broken Lua script shows up here as a Fatal in the log).
         try:
-            Wire.auth_client(self.socket("auth-client"), timeout=2.0).close()
+            Wire.auth_client(self.socket("auth-client"), timeout=2.0, hello=self.dialect == "2.4").close()
         except (OSError, WireError):
             return False
         return True
@@ -268,8 +385,9 @@ class DovecotImap(_Dovecot):
         *,
         debug: bool = False,
         extra_config: str = "",
+        build: DovecotBuild | None = None,
     ) -> None:
-        super().__init__(workdir, debug, extra_config)
+        super().__init__(workdir, debug, extra_config, build)
         self.auth = auth
         self.imap_port = free_port()
         self.lmtp_port = free_port()
@@ -286,11 +404,13 @@ class DovecotImap(_Dovecot):
             return (
                 "service auth {\n"
                 f"  executable = {self.auth.command}\n"
-                "  vsz_limit = 0\n"
+                f"  vsz_limit = {'unlimited' if self.dialect == '2.4' else '0'}\n"
                 "  unix_listener auth-client {\n    mode = 0666\n  }\n"
                 "}\n"
                 "service auth-worker {\n  executable =\n}\n"
             )
+        if self.dialect == "2.4":
+            return self._route_a_24()
         # The route A file we ship, pointed at this authd's sockets instead of /run/authd/.
         shipped = ROUTE_A_CONF.read_text()
         for name, path in (("auth-login", self.auth.login), ("auth-master", self.auth.master)):
@@ -299,7 +419,20 @@ class DovecotImap(_Dovecot):
         assert "/run/authd/" not in shipped, "the route A file names a socket this harness does not map"
         return shipped
 
+    def _route_a_24(self) -> str:
+        # What deploy/dovecot/99-authd-route-a-2.4.conf says for 2.4.0/2.4.1 (auth_master_socket_path
+        # exists from 2.4.2 only): the post-login imap gets the master socket as `-a`.
+        assert isinstance(self.auth, ExternalSockets)
+        return (
+            f"login_socket_path = {self.auth.login}\n"
+            f"auth_socket_path = {self.auth.userdb}\n"
+            "service imap-login {\n  chroot =\n}\n"
+            f"service imap {{\n  executable = imap -a {self.auth.master}\n}}\n"
+        )
+
     def _specific_config(self) -> str:
+        if self.dialect == "2.4":
+            return self._specific_config_24()
         return (
             "protocols = imap lmtp\n"
             # Only 127.0.0.1 -> 127.0.0.1 counts as secured; clients on other loopback addresses
@@ -326,14 +459,45 @@ class DovecotImap(_Dovecot):
             f"{self._auth_config()}"
         )
 
+    def _specific_config_24(self) -> str:
+        return (
+            "protocols = imap lmtp\n"
+            "auth_allow_cleartext = yes\n"
+            "mail_driver = maildir\n"
+            "mail_path = ~/Maildir\n"
+            f"mail_home = {self.home_root}/%{{user | lower}}\n"
+            f"mail_uid = {MAIL_USER}\n"
+            f"mail_gid = {MAIL_GROUP}\n"
+            f"mail_debug = {_yes(self.debug)}\n"
+            "service imap-login {\n"
+            "  inet_listener imap {\n"
+            "    listen = 127.0.0.1\n"
+            f"    port = {self.imap_port}\n"
+            "  }\n"
+            "  inet_listener imaps {\n    port = 0\n  }\n"
+            "}\n"
+            "service lmtp {\n"
+            "  inet_listener lmtp {\n"
+            "    listen = 127.0.0.1\n"
+            f"    port = {self.lmtp_port}\n"
+            "  }\n"
+            "}\n"
+            f"{self._auth_config()}"
+        )
+
     def _probe(self) -> bool:
         return greets(self.imap_port, b"* OK") and greets(self.lmtp_port, b"220 ")
 
 
-def doveadm(conf: Path | None, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run `doveadm -c CONF ARGS...`; CONF None means an empty config (all defaults)."""
+def doveadm(
+    conf: Path | None, *args: str, timeout: float = 30.0, build: DovecotBuild | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `doveadm -c CONF ARGS...`; CONF None means an empty config (all defaults: `-O` on 2.4,
+    which refuses an empty file without dovecot_storage_version)."""
+    build = _build(build)
+    config = ["-c", str(conf)] if conf is not None else ["-O"] if build.dialect == "2.4" else ["-c", os.devnull]
     return subprocess.run(
-        [DOVEADM, "-c", str(conf or os.devnull), *args],
+        build.argv([DOVEADM, *config, *args]),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -342,14 +506,14 @@ def doveadm(conf: Path | None, *args: str, timeout: float = 30.0) -> subprocess.
 
 
 def dovecot_lda(
-    conf: Path, user: str, message: bytes, *args: str, timeout: float = 30.0
+    conf: Path, user: str, message: bytes, *args: str, timeout: float = 30.0, build: DovecotBuild | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     """Deliver MESSAGE with `dovecot-lda -c CONF -d USER ARGS...`.
 
     Exit codes: 0 delivered, 67 unknown user, 75 temporary failure.
     """
     return subprocess.run(
-        [DOVECOT_LDA, "-c", str(conf), "-d", user, *args],
+        _build(build).argv([DOVECOT_LDA, "-c", str(conf), "-d", user, *args]),
         input=message,
         capture_output=True,
         timeout=timeout,

@@ -20,6 +20,7 @@ round-trips); `send` appends the LF. `send_raw` writes bytes as they are, for ma
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -72,9 +73,14 @@ class Wire:
             raise
 
     @classmethod
-    def auth_client(cls, path: Path | str, timeout: float = 5.0) -> Wire:
-        """Connect to an auth-client/login socket and read the server greeting through DONE."""
+    def auth_client(cls, path: Path | str, timeout: float = 5.0, *, hello: bool = False) -> Wire:
+        """Connect to an auth-client/login socket and read the server greeting through DONE.
+
+        HELLO sends the client's VERSION and CPID first: Dovecot 2.4 greets only after them.
+        """
         wire = cls(path, timeout)
+        if hello:
+            wire.send("VERSION\t1\t2", f"CPID\t{os.getpid()}")
         wire.greeting = wire._read_greeting("DONE")
         return wire
 
