@@ -59,12 +59,41 @@ local function get_blocking_seen()
   return blocking_seen
 end
 
+-- A watched C function runs under pcall in its wrapper, so that its errors read as
+-- Lua reports them without a wrapper: at the script's line, naming the function as
+-- the script called it (a method call does not count self, as luaL_argerror), not
+-- at the wrapper's line naming 'f'. Positions already given (an error of a Lua
+-- callback) and authd's own errors (call_timeout) go on as they are.
+local pack = table.pack or function(...) return {n = select("#", ...), ...} end
+
+local function wrapper_error(message)
+  if type(message) ~= "string" or find(message, "^authd: ") or find(message, "^[^\n]-:%d+: ") then
+    error(message, 0)
+  end
+  local info = getinfo(2, "n")  -- the wrapper, as the script called it
+  local caller = getinfo(3, "Sl")  -- the script
+  local where = (caller and caller.currentline > 0) and format("%s:%d: ", caller.short_src, caller.currentline) or ""
+  local name = info and info.name or "?"
+  local argn, rest = message:match("^bad argument #(%d+) to '[^']*' (.*)$")
+  if argn then
+    argn = tonumber(argn)
+    if info and info.namewhat == "method" then
+      argn = argn - 1
+      if argn == 0 then error(where .. format("calling '%s' on bad self %s", name, rest), 0) end
+    end
+    message = format("bad argument #%d to '%s' %s", argn, name, rest)
+  end
+  error(where .. message, 0)
+end
+
 local function watch_function(lib, name, what)
   local f = lib and rawget(lib, name)
   if type(f) == "function" then
     lib[name] = function(...)
       may_block(what)
-      return f(...)
+      local results = pack(pcall(f, ...))
+      if not results[1] then wrapper_error(results[2]) end
+      return unpack(results, 2, results.n)
     end
   end
 end
