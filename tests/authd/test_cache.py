@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,7 +168,7 @@ def test_userdb_results_are_cached_and_flushed(cached_authd: AuthdProcess) -> No
     assert lookups(cached_authd, "userdb lookup alice") == 2
 
 
-@pytest.mark.skipif(shutil.which("doveadm") is None, reason="Debian's dovecot-core is not installed")
+@pytest.mark.requires("doveadm")
 def test_doveadm_auth_cache_flush(cached_authd: AuthdProcess) -> None:
     from tests.interop.dovecot import doveadm
 

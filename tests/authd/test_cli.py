@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -98,7 +97,7 @@ def test_lookup_and_list(reference_authd: AuthdProcess) -> None:
     assert "auth-client socket, not an auth-master/userdb socket" in wrong_socket.stderr
 
 
-@pytest.mark.skipif(shutil.which("doveadm") is None, reason="Debian's dovecot-core is not installed")
+@pytest.mark.requires("doveadm")
 @pytest.mark.parametrize("scheme", ["SHA512-CRYPT", "BLF-CRYPT", "ARGON2ID", "SCRAM-SHA-256", "SSHA512", "CRAM-MD5"])
 def test_pw_hashes_that_doveadm_verifies(scheme: str) -> None:
     made = authd("pw", "-s", scheme.lower(), "-p", "s3cret pass")
@@ -113,7 +112,7 @@ def test_pw_hashes_that_doveadm_verifies(scheme: str) -> None:
     assert ours.stdout == theirs.stdout.strip() + " (verified)\n", ours.stderr
 
 
-@pytest.mark.skipif(shutil.which("doveadm") is None, reason="Debian's dovecot-core is not installed")
+@pytest.mark.requires("doveadm")
 @pytest.mark.parametrize("scheme", ["PLAIN-MD5", "SHA256", "CRAM-MD5", "PLAIN"])
 def test_pw_unsalted_schemes_match_doveadm_exactly(scheme: str) -> None:
     theirs = subprocess.run(["doveadm", "pw", "-s", scheme, "-p", "abc"], capture_output=True, text=True)

@@ -28,7 +28,7 @@ from authd.passwords import (
 )
 
 DOVEADM = shutil.which("doveadm")
-needs_doveadm = pytest.mark.skipif(DOVEADM is None, reason="doveadm (Dovecot 2.3) is not installed")
+needs_doveadm = pytest.mark.requires("doveadm")
 
 MATCH = VerifyResult(1, None)
 MISMATCH = VerifyResult(0, PASSWORD_MISMATCH)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from tests.interop.wire import Wire
 UNITS = REPO / "deploy" / "systemd"
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.requires("systemd-analyze")
 def test_units_verify(tmp_path: Path) -> None:
     authd_bin = Path(sys.executable).parent / "authd"
     for unit in UNITS.glob("authd*"):

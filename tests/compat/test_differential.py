@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from tests.http_backend import HttpBackend, Seen
-from tests.interop.dovecot import DOVECOT, ReferenceDovecot
+from tests.interop.dovecot import ReferenceDovecot
 from tests.interop.procs import make_workdir, subdir
 from tests.interop.wire import WireError
 
@@ -65,10 +65,7 @@ from .harness import (
 
 LUA_AUTH_MODULE = Path("/usr/lib/dovecot/modules/auth/libauthdb_lua.so")
 
-pytestmark = pytest.mark.skipif(
-    not Path(DOVECOT).exists() or not LUA_AUTH_MODULE.exists(),
-    reason="Dovecot 2.3 with the Lua auth plugin (dovecot-core, dovecot-auth-lua) is not installed",
-)
+pytestmark = pytest.mark.requires("dovecot", "doveadm", "dovecot-lua")
 
 
 @dataclass(frozen=True)

@@ -7,21 +7,9 @@ import os
 import socket
 from pathlib import Path
 
-import trio
-
-from authd.databases import build_passdbs
-from config.schema import Config, PassdbSettings
-from lua_api.runtime import StateOptions
 from protocol.escape import split_tabescaped, tab_escape
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
-
-
-def daemon_passes_dialect() -> bool:
-    """Does the daemon build its Lua drivers with [[passdb]] dialect (authd/databases.py)?"""
-    config = Config(passdbs=(PassdbSettings(driver="lua", file=SCRIPTS / "x.lua", dialect="2.4"),))
-    driver = build_passdbs(config, StateOptions, trio.CapacityLimiter(1)).entries[0].driver
-    return getattr(driver, "dialect", None) == "2.4"
 
 
 def config(script: str, *, settings: dict[str, str] | None = None, userdb: bool = True) -> str:

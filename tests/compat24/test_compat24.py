@@ -17,13 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.authd_process import LISTENERS, REPO, AuthdProcess
-from tests.compat24.conftest import SCRIPTS, auth, config, daemon_passes_dialect, fields, listing, user
+from tests.compat24.conftest import SCRIPTS, auth, config, fields, listing, user
 from tests.http_backend import Account, Backend, HttpBackend
-
-pytestmark = pytest.mark.skipif(
-    not daemon_passes_dialect(),
-    reason="authd/databases.py does not pass [[passdb]]/[[userdb]] dialect and settings to the Lua drivers yet",
-)
 
 
 def test_every_fixture_is_marked() -> None:

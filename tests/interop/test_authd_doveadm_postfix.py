@@ -22,7 +22,7 @@ from .procs import make_workdir, running
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
-pytestmark = pytest.mark.skipif(shutil.which("doveadm") is None, reason="Debian's dovecot-core is not installed")
+pytestmark = pytest.mark.requires("dovecot", "doveadm", "dovecot-lua", "postfix", "swaks")
 
 USERS_LUA = """\
 function auth_passdb_lookup(req)

@@ -22,7 +22,7 @@ from tests.authd_process import LISTENERS, AuthdProcess
 from .dovecot import AuthCommand, DovecotImap, ExternalSockets, doveadm, dovecot_lda, imap_connect, mail_ids
 from .procs import make_workdir, running, subdir
 
-pytestmark = pytest.mark.skipif(shutil.which("dovecot") is None, reason="Debian's dovecot-core is not installed")
+pytestmark = pytest.mark.requires("dovecot", "doveadm")
 
 MESSAGE = b"From: sender@example.com\r\nTo: alice@example.com\r\nSubject: via authd\r\n\r\nhello\r\n"
 

@@ -21,7 +21,7 @@ from .dovecot import ReferenceDovecot
 from .procs import make_workdir, running, subdir
 from .wire import Wire
 
-pytestmark = pytest.mark.skipif(shutil.which("dovecot") is None, reason="Debian's dovecot-core is not installed")
+pytestmark = pytest.mark.requires("dovecot", "doveadm", "dovecot-lua")
 
 
 @dataclass

@@ -9,11 +9,11 @@ import pytest
 
 from tests.authd_process import LISTENERS, AuthdProcess
 
-from .exim import ThrowawayExim, unavailable
+from .exim import ThrowawayExim
 from .postfix import SWAKS_AUTH_OK, SWAKS_AUTH_REJECTED, swaks
 from .procs import make_workdir, running
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
+pytestmark = pytest.mark.requires("exim", "swaks")
 
 USERS_LUA = """\
 function auth_passdb_lookup(req)

@@ -22,6 +22,8 @@ from .postfix import SWAKS_AUTH_OK, SWAKS_AUTH_REJECTED, ThrowawayPostfix, swaks
 from .procs import greets, is_running, running, session_members, subdir
 from .wire import Wire, WireClosed, WireTimeout
 
+pytestmark = pytest.mark.requires("dovecot", "doveadm", "dovecot-lua", "postfix", "swaks")
+
 ALICE_PLAIN = base64.b64encode(b"\0alice\0alicepass").decode()
 MESSAGE = b"From: sender@example.com\nTo: alice\nSubject: interop\n\nhello\n"
 

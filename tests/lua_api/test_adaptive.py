@@ -168,7 +168,7 @@ async def test_blocking_while_loading_means_threads_from_the_start(tmp_path: Pat
     await pool.close()
 
 
-@pytest.mark.skipif(not (C_MODULES / "cjson.so").exists(), reason="Debian's lua-cjson is not installed")
+@pytest.mark.requires("lua-cjson")
 async def test_computing_c_modules_stay_in_the_event_loop(tmp_path: Path) -> None:
     pool, host, run = await start_pool(tmp_path)
     assert await lookup(pool, b"cjson") == 1
@@ -176,7 +176,7 @@ async def test_computing_c_modules_stay_in_the_event_loop(tmp_path: Path) -> Non
     await pool.close()
 
 
-@pytest.mark.skipif(not (C_MODULES / "socket" / "core.so").exists(), reason="Debian's lua-socket is not installed")
+@pytest.mark.requires("lua-socket")
 async def test_luasocket_moves_the_call_to_a_thread(tmp_path: Path) -> None:
     pool, host, run = await start_pool(tmp_path)
     assert await lookup(pool, b"socket") == 1

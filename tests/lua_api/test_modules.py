@@ -7,7 +7,6 @@ Debian's directories. These tests use the packages installed on this machine.
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import threading
@@ -23,9 +22,7 @@ from lua_api.runtime import DEBIAN_PACKAGE_CPATH, DEBIAN_PACKAGE_PATH, StateOpti
 from tests.http_backend import Backend, HttpBackend
 from tests.lua_api.conftest import request
 
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/lib/x86_64-linux-gnu/lua/5.4/cjson.so").exists(), reason="Debian's lua-cjson is not installed"
-)
+pytestmark = pytest.mark.requires("lua-cjson")
 
 
 async def test_default_package_paths(load_script) -> None:  # type: ignore[no-untyped-def]
@@ -55,6 +52,7 @@ async def test_cjson(load_script) -> None:  # type: ignore[no-untyped-def]
     assert dict(result.fields) == {b"quota": b"1024", b"tags": b"a,b", b"json": b'{"user":"alice"}'}
 
 
+@pytest.mark.requires("lua-socket")
 async def test_luasocket_http(load_script) -> None:  # type: ignore[no-untyped-def]
     # a blocking LuaSocket request from inside an entry point (holds its state, as in Dovecot)
     with HttpBackend(Backend(users={"alice": "x"})) as server:
@@ -79,8 +77,6 @@ async def test_luasocket_http(load_script) -> None:  # type: ignore[no-untyped-d
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[str]:
     """An HTTPS server on 127.0.0.1 with a self-signed certificate; yields its URL."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
@@ -125,6 +121,7 @@ def tls_server(tmp_path: Path) -> Iterator[str]:
     server.server_close()
 
 
+@pytest.mark.requires("lua-socket", "lua-sec", "openssl")
 async def test_luasec_https(load_script, tls_server: str) -> None:  # type: ignore[no-untyped-def]
     # mailcow's passwd-verify.lua: ssl.https + ltn12 + cjson, certificate checks off
     script = await load_script(

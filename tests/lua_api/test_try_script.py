@@ -9,7 +9,6 @@ import pytest
 from authd.cli import main
 from authd.try_script import TryOptions, TryReport, run_try
 from lua_api.script import ScriptLoadError
-from tests.compat24.conftest import daemon_passes_dialect
 
 SCRIPT_23 = """
 function auth_passdb_lookup(req)
@@ -90,7 +89,6 @@ def test_cli(script: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["try", "--script", str(script), "bob"])
 
 
-@pytest.mark.skipif(not daemon_passes_dialect(), reason="authd/databases.py does not pass dialect to Lua drivers yet")
 def test_dialect_24(tmp_path: Path) -> None:
     path = tmp_path / "auth24.lua"
     path.write_text(
