@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .dovecot import AuthCommand, DovecotImap, ExternalSockets, ReferenceDovecot, db_block, mail_ids
+from .dovecot import AuthCommand, DovecotImap, ExternalSockets, ReferenceDovecot, builds_used, db_block, mail_ids
 from .postfix import ThrowawayPostfix
 from .procs import live_logs, make_workdir, running, subdir
 
@@ -47,6 +47,13 @@ def pytest_runtest_makereport(
             tail = "\n".join(log_text().splitlines()[-LOG_TAIL_LINES:])
             report.sections.append((f"{label} log (last {LOG_TAIL_LINES} lines)", tail))
     return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Which Dovecot(s) the suite ran, e.g. `dovecot: Dovecot 2.3.19.1 (host) x41, Dovecot 2.4.1-4 (chroot ...) x9`."""
+    if builds_used:
+        ran = ", ".join(f"{label} x{count}" for label, count in builds_used.items())
+        terminalreporter.write_line(f"dovecot: ran {ran}", bold=True)
 
 
 @pytest.fixture(scope="session")

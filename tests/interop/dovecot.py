@@ -131,13 +131,21 @@ def dovecot_build(dialect: Dialect) -> DovecotBuild | None:
     return next((build for build in chroot_builds() if build.dialect == dialect), None)
 
 
+builds_used: dict[str, int] = {}
+"""How many Dovecot processes (servers and tools) each build's label ran; the interop summary line."""
+
+
 def _build(build: DovecotBuild | None) -> DovecotBuild:
-    if build is not None:
-        return build
-    host = host_build()
-    if host is None:
-        raise RuntimeError("Debian's dovecot-core is not installed")
-    return host
+    if build is None:
+        build = host_build()
+        if build is None:
+            raise RuntimeError("Debian's dovecot-core is not installed")
+    return build
+
+
+def _used(build: DovecotBuild) -> DovecotBuild:
+    builds_used[build.label] = builds_used.get(build.label, 0) + 1
+    return build
 
 
 def mail_ids() -> tuple[int, int]:
@@ -254,7 +262,7 @@ class _Dovecot:
         self.conf_path.chmod(0o644)
         with self._output_path.open("wb") as output:
             self._popen = subprocess.Popen(
-                self.build.argv([DOVECOT, "-F", "-c", str(self.conf_path)]),
+                _used(self.build).argv([DOVECOT, "-F", "-c", str(self.conf_path)]),
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -497,7 +505,7 @@ def doveadm(
     build = _build(build)
     config = ["-c", str(conf)] if conf is not None else ["-O"] if build.dialect == "2.4" else ["-c", os.devnull]
     return subprocess.run(
-        build.argv([DOVEADM, *config, *args]),
+        _used(build).argv([DOVEADM, *config, *args]),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -513,7 +521,7 @@ def dovecot_lda(
     Exit codes: 0 delivered, 67 unknown user, 75 temporary failure.
     """
     return subprocess.run(
-        _build(build).argv([DOVECOT_LDA, "-c", str(conf), "-d", user, *args]),
+        _used(_build(build)).argv([DOVECOT_LDA, "-c", str(conf), "-d", user, *args]),
         input=message,
         capture_output=True,
         timeout=timeout,
