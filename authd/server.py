@@ -208,6 +208,7 @@ class Server:
             call_timeout=lua.call_timeout,
             max_memory=lua.max_memory,
         )
+            log_script_output=lua.log_script_output,
 
     def _extensions(self) -> tuple[LuaExtension, ...]:
         return (self._http, self._dns)

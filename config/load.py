@@ -297,6 +297,7 @@ def _lua(t: _Table) -> LuaSettings:
         call_timeout=t.number("call_timeout", 30.0, minimum=0.001),
         max_memory=t.integer("max_memory", 0, minimum=0),
     )
+        log_script_output=t.boolean("log_script_output", False),
     t.finish()
     return settings
 

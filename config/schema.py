@@ -146,6 +146,9 @@ class LuaSettings:
     call_timeout: float = 30.0
     #: Bytes a Lua state may allocate; 0 = unlimited.
     max_memory: int = 0
+    #: Log what scripts print (print, io.write, io.stdout/io.stderr) at debug level with
+    #: the script's name; off, it is dropped, as Dovecot sends it to /dev/null.
+    log_script_output: bool = False
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,88 @@ local function check_integer(value, argn)
   return i
 end
 
+---------------------------------------------------------------------------
+-- What scripts print. Dovecot's auth processes have /dev/null as stdout, so print,
+-- io.write and io.stdout:write go nowhere; io.stderr:write, which would put raw
+-- bytes among authd's log lines, is treated alike. With [lua] log_script_output
+-- authd logs each line at debug with the script's name (host.script_output).
+-- Other files, and io.write after io.output(file), write as before.
+if io and io.stdout then
+  local stdout, stderr = io.stdout, io.stderr
+  local output = host.log_output and host.script_output or nil
+  local io_output, io_write = io.output, io.write
+  local file_mt = debug.getmetatable(stdout)
+  local file_methods = file_mt and rawget(file_mt, "__index")
+  local math_type = math.type
+
+  -- lua_writestring's view of a value for io.write; nil if it is not one.
+  local function written(value)
+    local t = type(value)
+    if t == "string" then return value end
+    if t ~= "number" then return nil end
+    if math_type and math_type(value) == "integer" then return format("%d", value) end
+    return format("%.14g", value)
+  end
+
+  -- The values' text, or a "bad argument" error at the script's line (level 3).
+  local function texts(first, ...)
+    local n = select("#", ...)
+    if output == nil then
+      for i = 1, n do
+        local value = (select(i, ...))
+        if type(value) ~= "string" and type(value) ~= "number" then
+          error(format("bad argument #%d to 'write' (string expected, got %s)", i + first - 1, type_name(value)), 3)
+        end
+      end
+      return nil
+    end
+    local parts = {}
+    for i = 1, n do
+      local text = written((select(i, ...)))
+      if text == nil then
+        error(format("bad argument #%d to 'write' (string expected, got %s)", i + first - 1,
+          type_name((select(i, ...)))), 3)
+      end
+      parts[i] = text
+    end
+    return concat(parts)
+  end
+
+  io.write = function(...)
+    local current = io_output()
+    if current ~= stdout and current ~= stderr then return io_write(...) end
+    local text = texts(1, ...)
+    if text ~= nil then output(current == stdout and "stdout" or "stderr", text) end
+    return current
+  end
+
+  if type(file_methods) == "table" and type(file_methods.write) == "function" then
+    local file_write = file_methods.write
+    file_methods.write = function(f, ...)
+      if f ~= stdout and f ~= stderr then return file_write(f, ...) end
+      local text = texts(1, ...)
+      if text ~= nil then output(f == stdout and "stdout" or "stderr", text) end
+      return f
+    end
+  end
+
+  print = function(...)
+    local n = select("#", ...)
+    local parts = {}
+    for i = 1, n do
+      local ok, text = pcall(tostring, (select(i, ...)))
+      if not ok then  -- tostring's own errors at the script's line, a __tostring's as they are
+        if type(text) == "string" and not find(text, "^[^\n]-:%d+: ") then error(text, 2) end
+        error(text, 0)
+      elseif type(text) ~= "string" then
+        error("'tostring' must return a string to 'print'", 2)  -- Lua 5.1's wording
+      end
+      parts[i] = text
+    end
+    if output ~= nil then output("stdout", concat(parts, "\t") .. "\n") end
+  end
+end
+
 -- C strings end at the first NUL.
 local function c_string(s)
   local nul = find(s, "\0", 1, true)

@@ -140,6 +140,9 @@ class StateOptions:
     dialect: str = "2.3"
     #: 2.4: the lua_settings (key, value) pairs handed to script_init(tbl).
     lua_settings: tuple[tuple[str, str], ...] = ()
+    #: [lua] log_script_output: log what the script prints (print, io.write, io.stdout
+    #: and io.stderr) at debug with its name; otherwise it is dropped, as Dovecot drops it.
+    log_script_output: bool = False
 
 
 class LuaCallError(Exception):
@@ -150,6 +153,10 @@ class LuaCallError(Exception):
 _PRELUDE = resources.files("lua_api").joinpath("prelude.lua").read_bytes()
 _GUARD = resources.files("lua_api").joinpath("guard.lua").read_bytes()
 _POPEN = resources.files("lua_api").joinpath("popen.lua").read_bytes()
+
+#: The most of one print/io.write that [lua] log_script_output logs, and the longest line.
+MAX_OUTPUT = 64 * 1024
+MAX_OUTPUT_LINE = 1024
 
 #: VM instructions between two looks at the clock by a call's debug hook: about a
 #: millisecond of pure Lua, so the Python call it makes costs nothing noticeable.
@@ -201,6 +208,8 @@ class LuaState:
                 b"response_from_template": self._response_from_template,
                 b"io_blocking": self._io_blocking,
                 b"run_in_threads": self._run_in_threads,
+                b"log_output": options.log_script_output,
+                b"script_output": self._script_output,
                 b"request_var": LuaRequest.lua_var,
                 b"request_field": LuaRequest.field,
                 b"request_var_names": self.lua.table_from(list(VARS_24 if options.dialect == "2.4" else LUA_FIELDS_23)),
@@ -310,7 +319,15 @@ class LuaState:
         return what.decode("utf-8", "replace") if isinstance(what, bytes) else None
 
     def _run_shell(self, command: bytes, stdin: bytes | None) -> tuple[bytes, bytes, int]:
-        return run_shell(command, stdin, self.options.environment, self.options.call_timeout)
+        done = run_shell(command, stdin, self.options.environment, self.options.call_timeout)
+        for line in done.stderr_lines:
+            log.error("lua.popen_stderr", script=self.name, line=line)
+        return done.stdout, done.kind, done.code
+
+    def _script_output(self, stream: bytes, text: bytes) -> None:
+        """print/io.write output with [lua] log_script_output on: one debug event per line."""
+        for line in text[:MAX_OUTPUT].decode("utf-8", "replace").splitlines():
+            log.debug("lua.output", script=self.name, stream=stream.decode(), line=line[:MAX_OUTPUT_LINE])
 
     def _run_in_threads(self, what: bytes) -> None:
         if self.on_blocking is not None:
