@@ -10,6 +10,7 @@ queue.
 from __future__ import annotations
 
 import secrets
+import select
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -40,11 +41,48 @@ from protocol.events import (
 )
 
 if TYPE_CHECKING:
+    from authd.metrics import Metrics
     from authd.server import Server
 
 log = structlog.get_logger("authd.client")
 
 RECEIVE_SIZE = 65536
+#: While a connection is at its [limits] requests_per_connection, authd does not read it, so it
+#: would not see the peer hang up: it looks this often (poll's POLLRDHUP, pending data or not).
+HANGUP_CHECK_SECS = 0.5
+#: A full [limits] requests_total is logged at most once in this many seconds.
+QUEUE_FULL_LOG_SECS = 10.0
+_HANGUP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
+
+class InFlight:
+    """Request steps that wait in this process (passdb calls, penalties, delays), for [limits].
+
+    The count is what `authd_requests_in_flight` shows; a request refused because the count
+    reached requests_total is counted in `authd_requests_refused_total` and logged as
+    `auth.queue_full` once per QUEUE_FULL_LOG_SECS, with the refusals since the last line.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.count = 0
+        self._refused = metrics.requests_refused
+        self._unlogged = 0
+        self._logged_at: float | None = None
+        metrics.requests_in_flight.set_function(lambda: self.count)
+
+    def refused(self, limit: int) -> None:
+        self._refused.inc()
+        self._unlogged += 1
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= QUEUE_FULL_LOG_SECS:
+            log.warning(
+                "auth.queue_full",
+                message=f"{limit} requests in progress: new ones get temp_fail ([limits] requests_total)",
+                limit=limit,
+                refused=self._unlogged,
+            )
+            self._logged_at = now
+            self._unlogged = 0
 
 
 def log_duplicate_pid(pid: int, **context: object) -> None:
@@ -76,6 +114,9 @@ class ClientConnection:
         self._outbox = Outbox(stream, self.proto.data_to_send)
         self._nursery: trio.Nursery | None = None
         self._closed = False
+        #: Request steps running as tasks, and the reader waiting for one to end at the cap.
+        self._steps = 0
+        self._room = trio.lowlevel.ParkingLot()
 
     @property
     def closed(self) -> bool:
@@ -120,6 +161,8 @@ class ClientConnection:
                 return
             self.proto.feed(data)
             while True:
+                if self._steps >= self._cap() and not await self._wait_for_room():
+                    return  # the peer hung up while it had to wait
                 try:
                     events = self.proto.next_events()
                 except PeerError as exc:
@@ -130,6 +173,26 @@ class ClientConnection:
                 self.dispatch(events)
                 if self.closed:
                     return
+
+    def _cap(self) -> int:
+        return self.server.config.limits.requests_per_connection
+
+    async def _wait_for_room(self) -> bool:
+        """At the cap the next line waits (and with it the socket, like a TCP window) until a
+        request step ends. False if the peer hung up meanwhile."""
+        while self._steps >= self._cap():
+            with trio.move_on_after(HANGUP_CHECK_SECS):
+                await self._room.park()
+            if self.closed or self._hung_up():
+                return False
+        return True
+
+    def _hung_up(self) -> bool:
+        if not isinstance(self.stream, trio.SocketStream):
+            return False
+        poller = select.poll()
+        poller.register(self.stream.socket.fileno(), _HANGUP)
+        return bool(poller.poll(0))
 
     async def send_line(self, line: bytes) -> None:
         """Send a reply produced outside the protocol's queue (delayed FAILs)."""
@@ -164,13 +227,13 @@ class ClientConnection:
         if isinstance(event, AuthStarted):
             self._start(event)
         elif isinstance(event, PasswordReceived):
-            self._spawn(event.request_id, self._verify, event)
+            self._spawn(event.request_id, self._verify, event, queue=True)
         elif isinstance(event, Authenticated):
             self._succeed(event.request_id)
         elif isinstance(event, UsernameReceived):
             self._username(event)
         elif isinstance(event, CredentialsWanted):
-            self._spawn(event.request_id, self._credentials, event)
+            self._spawn(event.request_id, self._credentials, event, queue=True)
         elif isinstance(event, CertUsernameWanted):
             req = self.requests.get(event.request_id)
             if req is not None:
@@ -192,9 +255,18 @@ class ClientConnection:
         elif isinstance(event, RequestDropped):
             self.requests.pop(event.request_id, None)
 
-    def _spawn(self, request_id: int, step: Callable[[Any], Awaitable[None]], arg: Any) -> None:
-        """Run a request step that waits (passdb call, penalty, delay_until) as a task."""
+    def _spawn(self, request_id: int, step: Callable[[Any], Awaitable[None]], arg: Any, *, queue: bool = False) -> None:
+        """Run a request step that waits (passdb call, penalty, delay_until) as a task.
+
+        A `queue` step (a request's first wait) is refused with temp_fail at once while
+        [limits] requests_total steps wait in this process."""
         assert self._nursery is not None
+        in_flight = self.server.in_flight
+        if queue and in_flight.count >= self.server.config.limits.requests_total:
+            self._refuse_busy(request_id)
+            return
+        self._steps += 1
+        in_flight.count += 1
         self._nursery.start_soon(self._guarded, request_id, step, arg)
 
     async def _guarded(self, request_id: int, step: Callable[[Any], Awaitable[None]], arg: Any) -> None:
@@ -202,7 +274,20 @@ class ClientConnection:
             await step(arg)
         except Exception:
             self._internal_error(request_id)
+        finally:
+            self._steps -= 1
+            self.server.in_flight.count -= 1
+            if self._room:
+                self._room.unpark_all()
         self._outbox.wake()
+
+    def _refuse_busy(self, request_id: int) -> None:
+        """The process has requests_total steps waiting: temp_fail now, no failure delay."""
+        self.requests.pop(request_id, None)
+        line = self.proto.fail(request_id, code=b"temp_fail")
+        if line is not None:
+            self._outbox.send(line)
+        self.server.in_flight.refused(self.server.config.limits.requests_total)
 
     def _internal_error(self, request_id: int) -> None:
         """An unexpected error in a request step fails that request with temp_fail."""
@@ -246,7 +331,7 @@ class ClientConnection:
             req.last_penalty = self.server.penalty.lookup(ident)
             if req.last_penalty:
                 self.server.metrics.penalty_waits.inc()
-                self._spawn(req.id, self._begin_after_penalty, req)
+                self._spawn(req.id, self._begin_after_penalty, req, queue=True)
                 return
         self.dispatch(self.proto.begin(req.id))
 

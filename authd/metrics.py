@@ -77,6 +77,12 @@ class Metrics:
         )
         self.penalties = Counter("authd_penalties", "Failures that raised an address's penalty", registry=r)
         self.penalty_waits = Counter("authd_penalty_waits", "Requests that waited out a penalty", registry=r)
+        self.requests_in_flight = Gauge(
+            "authd_requests_in_flight", "Auth requests waiting for a passdb call, penalty or delay", registry=r
+        )
+        self.requests_refused = Counter(
+            "authd_requests_refused", "Auth requests answered temp_fail at once: [limits] requests_total", registry=r
+        )
         self.connections = Gauge("authd_connections", "Open connections", ["listener"], registry=r)
         self.reloads = Counter("authd_reloads", "Script and config reloads", ["result"], registry=r)
         self.pool_wait = Histogram(

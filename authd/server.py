@@ -29,7 +29,7 @@ from authd import systemd
 from authd.auth_request import AuthRequest, UsernameRules
 from authd.cache import AuthCache
 from authd.cache_glue import PassdbCache, UserdbCache
-from authd.client_conn import ClientConnection, log_duplicate_pid
+from authd.client_conn import ClientConnection, InFlight, log_duplicate_pid
 from authd.databases import build_passdbs, build_userdbs, lua_drivers, lua_pools
 from authd.failure_delay import FailureDelay
 from authd.listeners import ListenerError, open_listener, set_permissions
@@ -104,6 +104,7 @@ class Server:
         self._cuid = itertools.count(self.worker_index + 1, processes)
         self.metrics = Metrics()
         self.failure_delay = FailureDelay(config.auth.failure_delay)
+        self.in_flight = InFlight(self.metrics)
         self.penalty = PenaltyTracker(config.auth.trusted_networks, enabled=config.auth.penalty)
         if self.workers is not None:
             self.penalty.on_update = self._share_penalty

@@ -31,6 +31,7 @@ from config.schema import (
     AuthSettings,
     CacheSettings,
     Config,
+    LimitsSettings,
     ListenerSettings,
     LogSettings,
     LuaSettings,
@@ -296,8 +297,8 @@ def _lua(t: _Table) -> LuaSettings:
         import_environment=t.strings("import_environment", ()),
         call_timeout=t.number("call_timeout", 30.0, minimum=0.001),
         max_memory=t.integer("max_memory", 0, minimum=0),
-    )
         log_script_output=t.boolean("log_script_output", False),
+    )
     t.finish()
     return settings
 
@@ -349,6 +350,16 @@ def _server(t: _Table) -> ServerSettings:
     return ServerSettings(processes=processes)
 
 
+def _limits(t: _Table) -> LimitsSettings:
+    defaults = LimitsSettings()
+    per_connection = t.integer("requests_per_connection", defaults.requests_per_connection, minimum=1)
+    total = t.integer("requests_total", defaults.requests_total, minimum=1)
+    if total < per_connection:
+        raise t.error("requests_total", f"expected at least requests_per_connection ({per_connection}), got {total}")
+    t.finish()
+    return LimitsSettings(requests_per_connection=per_connection, requests_total=total)
+
+
 def _relative(base: Path | None, path: Path | None) -> Path | None:
     if path is None or base is None or path.is_absolute():
         return path
@@ -371,6 +382,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None, *, require
         reload=_reload(section("reload")),
         log=_log(section("log")),
         server=_server(section("server")),
+        limits=_limits(section("limits")),
     )
     root.finish()
     _check_passdbs(config.passdbs, root.source)

@@ -190,6 +190,17 @@ MAX_AUTO_PROCESSES = 8
 
 
 @dataclass(frozen=True)
+class LimitsSettings:
+    """How much work one connection, and one process, may have authd hold at once."""
+
+    #: Requests of one connection waiting for a passdb call, a penalty or a delay; at this
+    #: many authd stops reading the connection until one finishes (backpressure).
+    requests_per_connection: int = 128
+    #: The same over all connections of a process; a request beyond it gets temp_fail at once.
+    requests_total: int = 4096
+
+
+@dataclass(frozen=True)
 class LogSettings:
     format: str = "console"
     level: str = "info"
@@ -208,3 +219,4 @@ class Config:
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     log: LogSettings = field(default_factory=LogSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)

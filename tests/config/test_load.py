@@ -74,6 +74,13 @@ def test_processes() -> None:
     assert parse_config({"server": {"processes": "auto"}, **MINIMAL}).server == auto
 
 
+def test_limits() -> None:
+    defaults = parse_config(MINIMAL).limits
+    assert (defaults.requests_per_connection, defaults.requests_total) == (128, 4096)
+    limits = parse_config({"limits": {"requests_per_connection": 10, "requests_total": 10}, **MINIMAL}).limits
+    assert (limits.requests_per_connection, limits.requests_total) == (10, 10)
+
+
 def test_the_documented_example(tmp_path: Path) -> None:
     path = tmp_path / "authd.toml"
     path.write_text(
@@ -182,6 +189,15 @@ workers = 30
             "server.processes: expected \"auto\" or an integer >= 1, got 'all'",
         ),
         ({"server": {"workers": 2}, **MINIMAL}, "server.workers: unknown setting"),
+        (
+            {"limits": {"requests_per_connection": 0}, **MINIMAL},
+            "limits.requests_per_connection: expected an integer >= 1, got 0",
+        ),
+        (
+            {"limits": {"requests_per_connection": 200, "requests_total": 100}, **MINIMAL},
+            "limits.requests_total: expected at least requests_per_connection (200), got 100",
+        ),
+        ({"limits": {"requests": 5}, **MINIMAL}, "limits.requests: unknown setting"),
     ],
 )
 def test_errors_name_key_and_expectation(data: dict[str, object], message: str) -> None:
