@@ -30,10 +30,11 @@ user pass`, `auth lookup -a SOCK user`, `user -a SOCK user`, `auth cache flush -
 taking `-x key=value` for request fields. Exit codes: 0 ok, 77 auth failed, 67 user unknown,
 75 temporary failure (e.g. cannot connect).
 
-Which Dovecot runs is a `DovecotBuild`: the host's (`HOST`, Debian 12: 2.3.19, Debian 13:
+Which Dovecot runs is a `DovecotBuild`: the host's (`host_build()`, Debian 12: 2.3.19, Debian 13:
 2.4.1) or the other release's from the root filesystem scripts/bootstrap builds in
 .cache/dovecot-<codename>/ (`dovecot_build("2.4")`, None if absent). Every instance, db_block,
-doveadm and dovecot_lda take `build=` (default HOST) and write that build's config dialect
+doveadm and dovecot_lda take `build=` (default: `default_build()`, the 2.3.19 reference unless
+AUTHD_TEST_DOVECOT=2.4) and write that build's config dialect
 (dovecot_config_version = 2.4.0, passwd_file_path, mail_driver, `listen` ...). A chroot build
 runs in a private mount namespace (`unshare --mount`) with the host's /tmp bind-mounted over its
 /tmp, so every workdir, socket and log has the same path inside and out and the sockets are on
@@ -62,6 +63,7 @@ from .wire import Wire, WireError
 
 ROUTE_A_CONF = Path(__file__).resolve().parents[2] / "deploy" / "dovecot" / "99-authd-route-a.conf"
 CACHE = Path(__file__).resolve().parents[2] / ".cache"
+DIALECT_VARIABLE = "AUTHD_TEST_DOVECOT"
 DOVECOT = "/usr/sbin/dovecot"
 DOVEADM = "/usr/bin/doveadm"
 DOVECOT_LDA = "/usr/lib/dovecot/dovecot-lda"
@@ -135,12 +137,21 @@ builds_used: dict[str, int] = {}
 """How many Dovecot processes (servers and tools) each build's label ran; the interop summary line."""
 
 
-def _build(build: DovecotBuild | None) -> DovecotBuild:
+@functools.cache
+def default_build() -> DovecotBuild:
+    """What `build=None` means: the 2.3.19 reference (the host's on Debian 12, the chroot's on 13),
+    or the dialect AUTHD_TEST_DOVECOT names ("2.3" or "2.4"); the host's if there is no such build."""
+    wanted = os.environ.get(DIALECT_VARIABLE, "2.3")
+    if wanted not in ("2.3", "2.4"):
+        raise RuntimeError(f"{DIALECT_VARIABLE}={wanted!r}: expected 2.3 or 2.4")
+    build = dovecot_build("2.4" if wanted == "2.4" else "2.3") or host_build()
     if build is None:
-        build = host_build()
-        if build is None:
-            raise RuntimeError("Debian's dovecot-core is not installed")
+        raise RuntimeError("Debian's dovecot-core is not installed")
     return build
+
+
+def _build(build: DovecotBuild | None) -> DovecotBuild:
+    return default_build() if build is None else build
 
 
 def _used(build: DovecotBuild) -> DovecotBuild:
@@ -163,11 +174,11 @@ def db_block(
 ) -> str:
     """Config text for one passdb/userdb block, e.g. db_block("passdb", "lua", "file=/x.lua blocking=no").
 
-    ARGS and SETTINGS are given as in 2.3; DIALECT (default: the host Dovecot's) "2.4" turns the
+    ARGS and SETTINGS are given as in 2.3; DIALECT (default: default_build()'s) "2.4" turns the
     args of the drivers the tests use into 2.4 settings: passwd-file PATH (passwd_file_path),
     lua `file=X blocking=no` (lua_file, use_worker), static `uid=U gid=G` (a fields block).
     """
-    if (dialect or _build(None).dialect) == "2.3":
+    if (dialect or default_build().dialect) == "2.3":
         lines = [f"{kind} {{", f"  driver = {driver}"]
         if args:
             lines.append(f"  args = {args}")
