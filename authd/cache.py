@@ -6,20 +6,25 @@ stored password plus the fields that lookup set. Negative entries (user unknown)
 have their own TTL. A password mismatch against an entry whose last use succeeded
 means the password probably changed: the cache is bypassed. When the backend
 fails internally, an expired entry is still used. Internal failures are never cached.
+The size bound counts what the entries really cost in memory: their Python objects and
+the table holding them (a "2M" cache holds 2 MB, not 2 MB of keys and values).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-#: Roughly what a node costs beyond its key and value (Dovecot counts its struct).
-NODE_OVERHEAD = 48
+
+def _cost(obj: object) -> int:
+    """The memory one object holds: its size, rounded up to the allocator's 16-byte blocks."""
+    return (sys.getsizeof(obj) + 15) & ~15
 
 
-@dataclass
+@dataclass(slots=True)
 class CacheNode:
     key: bytes
     value: bytes
@@ -28,7 +33,9 @@ class CacheNode:
 
     @property
     def size(self) -> int:
-        return NODE_OVERHEAD + len(self.key) + len(self.value) + 2
+        """The node, its key, value and timestamp objects (the table's slot is counted by
+        AuthCache; `last_success` is one of the two shared bools)."""
+        return _cost(self) + _cost(self.key) + _cost(self.value) + _cost(self.created)
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ class CacheHit:
 
 
 class AuthCache:
-    """An LRU of cache nodes bounded by `max_size` bytes."""
+    """An LRU of cache nodes bounded by `max_size` bytes of memory, its table's included."""
 
     def __init__(self, max_size: int, ttl: float, negative_ttl: float, clock: Callable[[], float] = time.time) -> None:
         self.max_size = max_size
@@ -51,12 +58,19 @@ class AuthCache:
         self.negative_ttl = negative_ttl
         self.clock = clock
         self._nodes: OrderedDict[bytes, CacheNode] = OrderedDict()  # last = most recently used
-        self.size = 0
+        #: What the nodes cost, without the table (which sys.getsizeof tells as it is).
+        self._entries_size = 0
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    @property
+    def size(self) -> int:
+        """The bytes of memory the cache holds: its nodes and its table (with the list that
+        orders it), which grows in steps as entries are added. An empty cache holds nothing."""
+        return self._entries_size + _cost(self._nodes) if self._nodes else 0
 
     def lookup(self, key: bytes) -> CacheHit | None:
         node = self._nodes.get(key)
@@ -77,26 +91,35 @@ class AuthCache:
         if value == b"" and self.negative_ttl == 0:
             return  # negative entries are not cached
         node = CacheNode(key, value, self.clock(), last_success)
-        old = self._nodes.pop(key, None)
-        if old is not None:
-            self.size -= old.size
-        while self._nodes and self.size + node.size > self.max_size:
-            _, evicted = self._nodes.popitem(last=False)
-            self.size -= evicted.size
-        if node.size > self.max_size:
-            return
+        self.remove(key)
+        cost = node.size
+        if cost > self.max_size:
+            return  # it could never fit: keep the others
+        while self._nodes and self.size + cost > self.max_size:
+            self._evict_oldest()
         self._nodes[key] = node
-        self.size += node.size
+        self._entries_size += cost
+        # Adding the node may have grown the table; make room for that too.
+        while len(self._nodes) > 1 and self.size > self.max_size:
+            self._evict_oldest()
+        if self.size > self.max_size:  # not even the one node fits with its table
+            self.remove(key)
+
+    def _evict_oldest(self) -> None:
+        _, evicted = self._nodes.popitem(last=False)
+        self._entries_size -= evicted.size
 
     def remove(self, key: bytes) -> None:
         node = self._nodes.pop(key, None)
         if node is not None:
-            self.size -= node.size
+            self._entries_size -= node.size
+            if not self._nodes:
+                self._nodes.clear()  # an emptied table keeps its size until cleared
 
     def clear(self) -> int:
         count = len(self._nodes)
         self._nodes.clear()
-        self.size = 0
+        self._entries_size = 0
         return count
 
     def clear_users(self, users: Iterable[bytes]) -> int:

@@ -43,11 +43,11 @@ def test_lru_ttl_and_negative_ttl() -> None:
 
 
 def test_size_bound_evicts_least_recently_used() -> None:
-    cache = AuthCache(300, ttl=60, negative_ttl=60)
+    cache = AuthCache(1000, ttl=60, negative_ttl=60)  # two entries with their table
     for name in (b"a", b"b", b"c", b"d"):
         cache.insert(b"P1\t" + name, b"x" * 40, last_success=False)
         cache.lookup(b"P1\ta")  # keep "a" hot
-    assert cache.size <= 300
+    assert cache.size <= 1000 and len(cache) == 2
     assert cache.lookup(b"P1\ta") is not None
     assert cache.lookup(b"P1\tb") is None
 
