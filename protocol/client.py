@@ -251,7 +251,9 @@ class AuthClientServer:
         if parsed.service is None:
             raise PeerError("Authentication client didn't specify service in request")
         if request_id in self._requests:
-            raise PeerError(f"Authentication client sent a duplicate ID {request_id}")
+            # Dovecot's words: a pid only where logins are served (elsewhere its handler has 0).
+            client_pid = self.pid if self.login else 0
+            raise PeerError(f"BUG: Authentication client {client_pid} sent a duplicate ID {request_id}")
         request = _Request(request_id, mech_class(self.settings.environment), parsed, None, self._clock())
         self._requests[request_id] = request
         if initial_resp is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from protocol.events import (
     AuthFailed,
     AuthStarted,
     ClientConnected,
+    CredentialsWanted,
     Field,
     Params,
     PassdbVerdict,
@@ -20,8 +23,13 @@ from protocol.events import (
     RequestDropped,
     UsernameReceived,
 )
-from protocol.mechanisms import Login, Plain
+from protocol.mechanisms import Login, Plain, ScramSha256
 
+#: erin / erinpass (protocol.md §2.7)
+SCRAM_ERIN = (
+    b"4096,8h0DZ4pyARdjelb8OYMOgg==,dKq3OAb78bdrpRZeTjqv/92Hn7RSLxX5heunb3fmUHE="
+    b",SHI5o3Gqkyve0nIO7NJbouZNahHHu4YmvYxDSxawPpA="
+)
 COOKIE = bytes.fromhex("29953adde20f7bac35222a06c220e7ba")
 HANDSHAKE = (
     b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\n"
@@ -367,3 +375,25 @@ def test_line_by_line_keeps_immediate_fails_in_line_order() -> None:
     conn.feed(b"\tPLAIN\n")
     with pytest.raises(PeerError, match="didn't specify service"):
         conn.next_events()
+
+
+@pytest.mark.parametrize(("login", "pid_in_message"), [(False, 0), (True, 13465)])
+def test_duplicate_id_while_scram_waits_for_cont(login: bool, pid_in_message: int) -> None:
+    """Dovecot 2.3.19 logs "BUG: Authentication client <pid> sent a duplicate ID <id>" (pid 0 on
+    sockets that only authenticate) and disconnects; the request it duplicates is left as it was."""
+    conn = AuthClientServer(HandshakeSettings([Plain, ScramSha256], spid=1, cuid=2, cookie=COOKIE), login=login)
+    conn.initiate()
+    conn.data_to_send()
+    conn.receive_data(b"VERSION\t1\t2\nCPID\t13465\n")
+    auth = b"AUTH\t1\tSCRAM-SHA-256\tservice=imap\tresp=" + base64.b64encode(b"n,,n=erin,r=abc") + b"\n"
+    [started] = conn.receive_data(auth)
+    assert isinstance(started, AuthStarted)
+    assert conn.begin(1) == [CredentialsWanted(1, b"erin", "SCRAM-SHA-256", b"")]
+    assert conn.credentials_result(1, PassdbVerdict.OK, SCRAM_ERIN) == []
+    assert conn.data_to_send().startswith(b"CONT\t1\t")
+    with pytest.raises(PeerError) as exc:
+        conn.receive_data(auth)
+    assert str(exc.value) == f"BUG: Authentication client {pid_in_message} sent a duplicate ID 1"
+    assert type(exc.value) is PeerError
+    assert conn.data_to_send() == b""
+    assert list(conn.request_ids()) == [1]
