@@ -6,6 +6,10 @@ default). Several processes, each an asyncio loop (uvloop's when installed: the 
 the machine with the servers, so its CPU is theirs to lose), share one listening socket, and a delayed
 reply is a timer rather than a sleeping thread, so the backend sustains thousands of requests in
 flight; the `backend-capacity` scenario measures how many it serves, to show it is not the limit.
+
+With `split`, each response goes out as Python's http.server sends it: the head, then the
+body, in two writes, and without TCP_NODELAY, so Nagle holds the body until the client ACKs
+the head (the `http-split` scenario: a client that delays its ACKs pays ~40 ms a request).
 """
 
 from __future__ import annotations
@@ -51,15 +55,17 @@ def _header(raw: bytes, lowered: bytes, name: bytes) -> bytes | None:
 class _Handler(asyncio.Protocol):
     """HTTP/1.1 keep-alive, requests answered in order, each after DELAY seconds."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, split: bool) -> None:
         self.delay = delay
+        self.split = split
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.split:
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -84,17 +90,22 @@ class _Handler(asyncio.Protocol):
 
     def _reply(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(reply)
+            if self.split:
+                head, _, body = reply.partition(b"\r\n\r\n")
+                self.transport.write(head + b"\r\n\r\n")
+                self.transport.write(body)
+            else:
+                self.transport.write(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
 
 
-def _serve(sock: socket.socket, delay: float) -> None:
+def _serve(sock: socket.socket, delay: float, split: bool) -> None:
     as_child()
 
     async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(lambda: _Handler(delay), sock=sock)
+        server = await asyncio.get_running_loop().create_server(lambda: _Handler(delay, split), sock=sock)
         await server.serve_forever()
 
     if uvloop is None:
@@ -110,15 +121,18 @@ LOOP = "uvloop" if uvloop is not None else "asyncio"
 class Backend:
     """PROCS processes serving 127.0.0.1:port; started on enter, stopped by PID on exit."""
 
-    def __init__(self, delay: float, procs: int) -> None:
+    def __init__(self, delay: float, procs: int, *, split: bool = False) -> None:
         self.delay = delay
+        self.split = split
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(4096)
         self._sock.setblocking(False)
         self.port: int = self._sock.getsockname()[1]
-        self._processes = [_CTX.Process(target=_serve, args=(self._sock, delay), daemon=True) for _ in range(procs)]
+        self._processes = [
+            _CTX.Process(target=_serve, args=(self._sock, delay, split), daemon=True) for _ in range(procs)
+        ]
 
     @property
     def url(self) -> str:

@@ -85,6 +85,8 @@ class Scenario:
     userdb: bool = False
     authd_defaults: bool = False
     http: bool = False
+    #: The backend writes each response's head and body in two segments (bench.backend `split`).
+    split_backend: bool = False
     targets: tuple[Target, ...] = ()
 
 
@@ -136,6 +138,19 @@ SCENARIOS = (
         ),
     ),
     Scenario(
+        "http-split",
+        "HTTP passdb, {delay} ms backend sending head and body in two segments, authd default settings",
+        "http_passdb.lua",
+        blocking=True,
+        connections=16,
+        depth=64,
+        reference="none (Python's http.server answers this way: ~45 ms a request for a client delaying its ACKs)",
+        authd_defaults=True,
+        http=True,
+        split_backend=True,
+        targets=(Target("HTTP {delay} ms, two-segment backend: no request failing", "errors", 0),),
+    ),
+    Scenario(
         "userdb-user",
         "auth-userdb USER lookups, trivial script, in-process (blocking=no)",
         "trivial.lua",
@@ -166,7 +181,9 @@ CAPACITY_WORKLOADS: tuple[tuple[Kind, str, int, int], ...] = (
     ("user", "auth-userdb", 4, 16),
     ("plain", "auth-client", 1, 1),
 )
-ALL = (*CALIBRATIONS, *(s.name for s in SCENARIOS), RSS_SCENARIO)
+#: bench.flood: one connection floods authd while its backend hangs (issue 13's bounds).
+FLOOD_SCENARIO = "flood"
+ALL = (*CALIBRATIONS, *(s.name for s in SCENARIOS), RSS_SCENARIO, FLOOD_SCENARIO)
 
 
 @dataclass
@@ -352,7 +369,9 @@ def run_scenario(scenario: Scenario, options: Options, workdir: Path) -> Scenari
     with ExitStack() as stack:
         backend_url, helper = None, None
         if scenario.http:
-            backend = stack.enter_context(Backend(options.backend_delay, options.backend_procs))
+            backend = stack.enter_context(
+                Backend(options.backend_delay, options.backend_procs, split=scenario.split_backend)
+            )
             backend_url, helper = backend.url, Meter(lambda: backend.pids)
         script = prepare_script(SCRIPTS / scenario.script, workdir, backend_url)
         setup = Setup(script, scenario.blocking, authd_defaults=scenario.authd_defaults)

@@ -943,12 +943,25 @@ def _http11() -> h11.Connection:
     return h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_SIZE)
 
 
+#: TCP_QUICKACK where the platform has it (Linux).
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
 class _Connection:
-    """An HTTP/1.1 connection: h11's state over a trio stream, with Dovecot's name for it and its age."""
+    """An HTTP/1.1 connection: h11's state over a trio stream, with Dovecot's name for it and its age.
+
+    As Dovecot's (http_client_connection_connected, o_stream_file_cork): TCP_NODELAY, so
+    that nothing authd writes waits for the server's ACK, and TCP_QUICKACK after each
+    request, so that the server's ACKs are not delayed either. Without the latter, a
+    server that writes its response head and body in two segments has its second write
+    held back by Nagle until authd's delayed ACK (about 40 ms on Linux) per request.
+    """
 
     __slots__ = ("connected", "h11", "idle_since", "label", "name", "socket", "stream")
 
     def __init__(self, sock: trio.socket.SocketType, name: str, conn_id: int) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock  # the TCP socket under any TLS, to see whether an idle connection was closed
         self.stream: trio.abc.Stream = trio.SocketStream(sock)
         self.h11 = _http11()
@@ -956,6 +969,12 @@ class _Connection:
         self.label = f"(conn:{name},id={conn_id})"  # as in read(...) failed
         self.connected = time.monotonic()
         self.idle_since = 0.0
+
+    def quick_ack(self) -> None:
+        """ACK what arrives next at once (Linux resets this by itself, so once per request)."""
+        if _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     def close(self) -> None:
         """Drop the connection (no TLS close_notify: nobody waits for its end)."""
@@ -1240,6 +1259,7 @@ async def _roundtrip(
     with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
         with contextlib.suppress(trio.BrokenResourceError):
             await conn.stream.send_all(data)
+            conn.quick_ack()
         while True:
             try:
                 event = state.next_event()
