@@ -18,6 +18,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from protocol.mechanisms import MECHANISMS
+
 log = structlog.get_logger("authd.metrics")
 
 T = TypeVar("T", Counter, Gauge, Histogram)
@@ -43,9 +45,32 @@ class Children(Generic[T]):
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
+#: What a label value outside its known ones is counted as: clients choose services and
+#: mechanism names, and every distinct value would be one more time series kept forever.
+OTHER = "other"
+#: The services Dovecot's processes and its usual clients (Postfix, Exim, doveadm) send.
+DOVECOT_SERVICES = frozenset(
+    {"", "imap", "pop3", "smtp", "submission", "lmtp", "lda", "sieve", "managesieve", "doveadm", "imap-urlauth"}
+)
+#: Every result log_result counts: AUTH's (ok, refused, FAIL's code or failed) and USER's.
+RESULTS = frozenset({"ok", "failed", "refused", "temp_fail", "authz_fail", "user_disabled", "pass_expired", "notfound"})
+#: The auth-master commands that are counted.
+COMMANDS = frozenset({"USER", "PASS", "LIST"})
+#: How a Lua call fails (lua_api.runtime CallOutcome.failure_kind).
+LUA_FAILURES = frozenset({"timeout", "memory", "broken", "error"})
+
+
+def _known(value: str, known: frozenset[str]) -> str:
+    return value if value in known else OTHER
+
 
 class Metrics:
-    def __init__(self) -> None:
+    """One server's metrics. Every label takes known values only (`services` adds to
+    Dovecot's services), anything else counts as `other`."""
+
+    def __init__(self, services: Iterable[str] = ()) -> None:
+        self.services = DOVECOT_SERVICES | frozenset(services)
+        self.mechanisms = frozenset(MECHANISMS)
         self.registry = CollectorRegistry()
         r = self.registry
         self.auth_requests = Counter(
@@ -97,6 +122,21 @@ class Metrics:
         self.auth_requests_for = Children(self.auth_requests)
         self.lookups_for = Children(self.lookups)
         self.db_duration_for = Children(self.db_duration)
+
+    def count_auth(self, mechanism: str, service: str, result: str, duration: float) -> None:
+        """One finished auth-client request."""
+        self.auth_requests_for(
+            _known(mechanism, self.mechanisms), _known(service, self.services), _known(result, RESULTS)
+        ).inc()
+        self.auth_duration.observe(duration)
+
+    def count_lookup(self, command: str, result: str) -> None:
+        """One finished auth-master request."""
+        self.lookups_for(_known(command, COMMANDS), _known(result, RESULTS)).inc()
+
+    def count_lua_failure(self, script: str, kind: str) -> None:
+        """A failed Lua call of `script` (a configured path)."""
+        self.lua_errors.labels(script, _known(kind, LUA_FAILURES)).inc()
 
     def watch_cache(self, stats: Callable[[], tuple[int, int, int, int]]) -> None:
         """Export the auth cache's (hits, misses, entries, bytes) when scraped."""

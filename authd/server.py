@@ -180,7 +180,7 @@ class Server:
         return Generation(next(self._generation_numbers), config, rules, mechanisms, passdbs, userdbs)
 
     def _count_lua_failure(self, script: str, kind: str) -> None:
-        self.metrics.lua_errors.labels(script, kind).inc()
+        self.metrics.count_lua_failure(script, kind)
 
     def _pool_stats(self) -> Iterator[tuple[str, int, int]]:
         """(script, states, busy) of every pool, retiring generations' included."""
@@ -290,12 +290,10 @@ class Server:
                 duration_ms=round(duration * 1000, 1),
                 **req.log_context(),
             )
-        if command == "AUTH":
-            service = (req.service or b"").decode("utf-8", "replace")
-            self.metrics.auth_requests_for(mech, service, result).inc()
-            self.metrics.auth_duration.observe(duration)
+        if command == "AUTH":  # the metrics bound what the client sent to known values
+            self.metrics.count_auth(mech, (req.service or b"").decode("utf-8", "replace"), result, duration)
         else:
-            self.metrics.lookups_for(command, result).inc()
+            self.metrics.count_lookup(command, result)
 
     def observe_db(self, db: str, kind: str, seconds: float) -> None:
         self.metrics.db_duration_for(db, kind).observe(seconds)
