@@ -41,10 +41,14 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import h11
+import structlog
 import trio
 
 if TYPE_CHECKING:
     from lua_api.runtime import LuaState
+
+
+log = structlog.get_logger("lua_api.http")
 
 
 class RequestError(IntEnum):
@@ -461,12 +465,16 @@ class ClientSettings:
     connect_timeout_msecs: int = 0
     max_auto_retry_delay_secs: int = 0
     proxy_url: HttpUrl | None = None
+    #: The client's `debug` option (2.3): log each request's progress at debug level.
+    debug: bool = False
+    #: The script whose client this is, for log events (set by HttpExtension.install).
+    script: str = ""
 
     @classmethod
     def from_lua(cls, options: Mapping[bytes, Any]) -> ClientSettings:
         """Options as http.lua checked them; zero means the default, as in http_client_init()."""
         defaults = cls()
-        numbers = {
+        numbers: dict[str, Any] = {
             option.name: int(options.get(option.name.encode(), 0)) or getattr(defaults, option.name)
             for option in fields(cls)
             if option.type == "int"
@@ -476,6 +484,7 @@ class ClientSettings:
             user_agent=options.get(b"user_agent") or None,
             no_auto_redirect=options.get(b"no_auto_redirect") is True,
             no_auto_retry=options.get(b"no_auto_retry") is True,
+            debug=options.get(b"debug") is True,
             proxy_url=parse_http_url(proxy, allow_userinfo=True) if proxy is not None else None,
             **numbers,
         )
@@ -878,6 +887,8 @@ class _Progress:
     send_attempts: int = 0
     first_sent: float | None = None
     last_sent: float | None = None
+    #: The client's debug log of this request (debug = true), else None.
+    trace: _Trace | None = None
 
     def sent(self) -> None:
         self.last_sent = time.monotonic()
@@ -914,6 +925,48 @@ class _Progress:
         """The reason of a response that came after retries (http_client_request_callback)."""
         total = _secs(_msecs(time.monotonic() - self.submitted))
         return reason + f" ({self.retries} retries in {total} secs)".encode()
+
+
+_request_ids = itertools.count(1)
+
+
+class _Trace:
+    """A debug = true client's request as Dovecot's http-client logs it, one debug event a line.
+
+    Lines read like Dovecot's ("http-client: request [Req1: GET http://host/path]: Sent
+    header"); the URL shows no user, password or query, and no header is logged.
+    """
+
+    __slots__ = ("label", "script")
+
+    def __init__(self, script: str, method: bytes, url: HttpUrl) -> None:
+        self.script = script
+        self.label = f"[Req{next(_request_ids)}: {_text(method)} {_url_for_log(url)}]"
+
+    def request(self, message: str, **fields: Any) -> None:
+        log.debug(
+            "lua.http_debug",
+            script=self.script,
+            request=self.label,
+            message=f"http-client: request {self.label}: {message}",
+            **fields,
+        )
+
+    def connection(self, conn: _Connection, message: str, **fields: Any) -> None:
+        log.debug(
+            "lua.http_debug",
+            script=self.script,
+            request=self.label,
+            connection=conn.name,
+            message=f"http-client: conn {conn.name} [{conn.conn_id}]: {message}",
+            **fields,
+        )
+
+
+def _url_for_log(url: HttpUrl) -> str:
+    """scheme://host[:port]/path: no userinfo, no query (either may hold a password)."""
+    path = _encode(url.path, _PATH_BYTES) if url.path else b"/"
+    return _text(b"%s://%s%s" % (b"https" if url.have_ssl else b"http", url.authority, path))
 
 
 class _Failure(Exception):
@@ -957,7 +1010,7 @@ class _Connection:
     held back by Nagle until authd's delayed ACK (about 40 ms on Linux) per request.
     """
 
-    __slots__ = ("connected", "h11", "idle_since", "label", "name", "socket", "stream")
+    __slots__ = ("conn_id", "connected", "h11", "idle_since", "label", "name", "socket", "stream")
 
     def __init__(self, sock: trio.socket.SocketType, name: str, conn_id: int) -> None:
         with contextlib.suppress(OSError):
@@ -967,6 +1020,7 @@ class _Connection:
         self.h11 = _http11()
         self.name = name  # ip:port, as in connect(...) failed
         self.label = f"(conn:{name},id={conn_id})"  # as in read(...) failed
+        self.conn_id = conn_id
         self.connected = time.monotonic()
         self.idle_since = 0.0
 
@@ -1260,6 +1314,11 @@ async def _roundtrip(
         with contextlib.suppress(trio.BrokenResourceError):
             await conn.stream.send_all(data)
             conn.quick_ack()
+        trace = exchange.progress.trace
+        if trace is not None and method != b"CONNECT":
+            trace.request("Sent header")
+            if payload:
+                trace.request("Finished sending payload")
         while True:
             try:
                 event = state.next_event()
@@ -1282,25 +1341,55 @@ async def _roundtrip(
     raise exchange.failed(RequestError.TIMED_OUT, "Request timed out")
 
 
-async def _read_body(conn: _Connection, timeout: float) -> bytes:
-    """The response body as far as it arrives: like Dovecot, the script gets what came
-    (Dovecot only logs a read error); each read may take `timeout`."""
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """A response body as far as it arrived, and why it ended early (Dovecot's istream error), if it did."""
+
+    data: bytes
+    error: str | None = None
+
+
+async def _read_body(conn: _Connection, timeout: float, response: h11.Response | h11.InformationalResponse) -> _Body:
+    """The response body as far as it arrives; each read may take `timeout`.
+
+    Like Dovecot 2.3's Lua binding, the script gets what came, with the response's
+    status, when the body ends early: the caller logs the error.
+    """
     state = conn.h11
-    chunks = []
+    chunks: list[bytes] = []
+    received = 0
+    eof = False
+    error: str | None = None
     with trio.CancelScope() as scope:
         try:
             while True:
                 event = state.next_event()
                 if event is h11.NEED_DATA:
                     scope.deadline = trio.current_time() + timeout
-                    state.receive_data(bytes(await conn.stream.receive_some(_READ_SIZE)))
+                    data = bytes(await conn.stream.receive_some(_READ_SIZE))
+                    eof = not data
+                    state.receive_data(data)
                 elif type(event) is h11.Data:
                     chunks.append(event.data)
+                    received += len(event.data)
                 else:
                     break  # EndOfMessage
-        except (trio.BrokenResourceError, h11.RemoteProtocolError):
-            pass
-    return b"".join(chunks)
+        except trio.BrokenResourceError as exc:
+            error = _payload_lost(response, received, f"Connection closed: {_os_error_text(exc)}")
+        except h11.RemoteProtocolError as exc:
+            error = _payload_lost(response, received, "Connection closed") if eof else str(exc)
+    if scope.cancelled_caught:
+        error = f"Read timeout in {_secs(int(timeout * 1000))} s after {received} bytes"
+    return _Body(b"".join(chunks), error)
+
+
+def _payload_lost(response: h11.Response | h11.InformationalResponse, received: int, reason: str) -> str:
+    """Dovecot's texts for a body cut short (http_istream_error_callback, the chunked istream)."""
+    headers = {name.lower(): value for name, value in response.headers}
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        return "Unexpected end of payload" if reason == "Connection closed" else reason
+    wanted = headers.get(b"content-length", b"").strip()
+    return f"Disconnected while reading message payload at offset {received} (wanted {_text(wanted)}): {reason}"
 
 
 async def _send_once(
@@ -1324,7 +1413,7 @@ async def _send_once(
     conn = pool.take_idle(origin) or await pool.connect(url, exchange)
     try:
         response = await _roundtrip(conn, exchange, method, target, headers, payload, timeout)
-        body = await _read_body(conn, timeout)
+        body = await _read_body(conn, timeout, response)
     except BaseException:
         conn.close()
         raise
@@ -1332,7 +1421,26 @@ async def _send_once(
         pool.give_back(origin, conn)
     else:
         conn.close()
-    return HttpResponse(response.status_code, response.reason, tuple(response.headers), body)
+    progress = exchange.progress
+    if progress.trace is not None and isinstance(response, h11.Response):
+        took = _msecs(time.monotonic() - (progress.last_sent or progress.submitted))
+        queued = _msecs((progress.last_sent or progress.submitted) - progress.submitted)
+        progress.trace.connection(
+            conn,
+            f"Got {response.status_code} response for request {progress.trace.label}: "
+            f"{_text(response.reason)} (took {took} ms + {queued} ms in queue)",
+            status=response.status_code,
+        )
+    if body.error is not None:
+        log.error(
+            "lua.http_payload_error",
+            script=exchange.settings.script,
+            url=_url_for_log(url),
+            status=response.status_code,
+            received=len(body.data),
+            message=f"Response payload read error: {body.error}",
+        )
+    return HttpResponse(response.status_code, response.reason, tuple(response.headers), body.data)
 
 
 class _DateHeader:
@@ -1399,6 +1507,8 @@ async def _run(
             response = await _send_once(pool, exchange, method, url, headers, payload, redirects > 0)
         except _Failure as failure:
             if failure.retryable and not settings.no_auto_retry and progress.retry(settings.max_attempts):
+                if progress.trace is not None:
+                    progress.trace.request(f"Retrying (attempts={progress.retries + 1})")
                 continue
             return _failure(failure.status, failure.reason)
         status = response.status
@@ -1419,6 +1529,8 @@ async def _run(
                 except UrlError as exc:
                     return _failure(RequestError.INVALID_REDIRECT, f"Invalid redirect location: {exc}")
                 redirects += 1
+                if progress.trace is not None:
+                    progress.trace.request(f"Redirecting to {_url_for_log(url)} (redirects={redirects})")
                 if redirects > settings.max_redirects:
                     if settings.max_redirects:
                         text = f"Redirected more than {settings.max_redirects} times"
@@ -1442,6 +1554,21 @@ async def _run(
 async def send_request(pool: ConnectionPool, settings: ClientSettings, request: HttpRequest) -> HttpResponse:
     """Send a request the way Dovecot 2.3's http-client does; failures become 9000-9008 responses."""
     progress = _Progress(time.monotonic())
+    trace = progress.trace = _Trace(settings.script, request.method, request.url) if settings.debug else None
+    if trace is not None:
+        trace.request("Submitted")
+    response = await _run_within(pool, settings, request, progress)
+    if trace is not None:
+        if response.status >= min(RequestError):
+            trace.request(f"Error: {response.status} {_text(response.reason)}", status=response.status)
+        else:
+            trace.request("Finished", status=response.status)
+    return response
+
+
+async def _run_within(
+    pool: ConnectionPool, settings: ClientSettings, request: HttpRequest, progress: _Progress
+) -> HttpResponse:
     if not settings.request_absolute_timeout_msecs:
         return await _run(pool, settings, request, progress)
     with trio.move_on_after(settings.request_absolute_timeout_msecs / 1000):
@@ -1509,15 +1636,16 @@ class HttpExtension:
                 for key, value in (state.to_python(options[i]).values() for i in range(1, len(options) + 1))
             ]
             try:
-                return parse_client_settings_24(pairs), None, None
+                settings = parse_client_settings_24(pairs)
             except SettingsError as exc:
                 return None, str(exc).encode("latin-1"), None
             except TypeError as exc:
                 return None, None, str(exc).encode("latin-1")
+            return replace(settings, settings=replace(settings.settings, script=state.name)), None, None
 
         def client_settings_23(options: Any) -> ClientSettings:
             """For http.lua: a 2.3 client's checked options, parsed once for all its requests."""
-            return ClientSettings.from_lua(state.to_python(options))
+            return replace(ClientSettings.from_lua(state.to_python(options)), script=state.name)
 
         state.lua.execute(
             _lua_code(),
