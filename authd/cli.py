@@ -83,8 +83,6 @@ def _serve_dovecot_service(args: argparse.Namespace) -> int:
     configure(fmt="dovecot", level=args.log_level or config.log.level)
     listeners = []
     for inherited in dovecot_service.inherited_listeners():
-        if inherited.type == "token":
-            continue  # DOVECOT-TOKEN (imap-urlauth) is not supported; leave the socket unserved
         settings = ListenerSettings(type=inherited.type, path=Path(inherited.path) if inherited.path else None)
         listeners.append(ListenerInfo(settings, inherited.listener, owned=False))
     # Build everything (imports, Lua runtimes) while still root, then become the

@@ -18,6 +18,8 @@ from typing import Any
 
 import trio
 
+from authd.listeners import adopt
+
 #: MASTER_DEAD_FD and MASTER_LISTEN_FD_FIRST in Dovecot's master-interface.h.
 MASTER_DEAD_FD = 6
 FIRST_LISTENER_FD = 7
@@ -46,15 +48,18 @@ class InheritedListener:
 
 
 def inherited_listeners(environ: Mapping[str, str] = os.environ) -> list[InheritedListener]:
-    """The listening sockets Dovecot's master passed us."""
+    """The listening sockets Dovecot's master passed us (token ones too: the server refuses
+    their connections, as authd does not implement DOVECOT-TOKEN)."""
     count = int(environ.get("SOCKET_COUNT", "0"))
     if count == 0:
         raise RuntimeError("SOCKET_COUNT is not set: --dovecot-service must be started by Dovecot's master")
     found = []
     for index in range(count):
         name = environ.get(f"SOCKET{index}_SETTINGS", "")
-        sock = socket.socket(fileno=FIRST_LISTENER_FD + index)
+        fd = FIRST_LISTENER_FD + index
+        sock = socket.socket(fileno=fd)
         sock.setblocking(False)
+        adopt(sock, f"Dovecot socket {name.split(chr(9), 1)[0]!r} (fd {fd})")
         try:
             bound = sock.getsockname()
         except OSError:

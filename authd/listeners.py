@@ -21,6 +21,34 @@ class ListenerError(Exception):
     """A socket could not be opened; the message says which and why."""
 
 
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+
+
+def backlog() -> int:
+    """The system's largest listen queue (net.core.somaxconn): after an auth restart every
+    login and LMTP process of a busy Dovecot reconnects at the same moment."""
+    try:
+        return int(SOMAXCONN.read_text())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+def adopt(sock: socket.socket, what: str) -> None:
+    """Make an inherited socket (systemd's, Dovecot's) ours: it must be a listening stream
+    socket; its listen queue gets the system's maximum too."""
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as exc:
+        raise ListenerError(f"{what}: {exc.strerror}") from None
+    if kind != socket.SOCK_STREAM or not listening:
+        raise ListenerError(f"{what}: not a listening stream socket")
+    try:
+        sock.listen(backlog())
+    except OSError as exc:
+        raise ListenerError(f"{what}: {exc.strerror}") from None
+
+
 def _unlink_stale(path: Path) -> None:
     """Remove a leftover socket file, but refuse to steal one a live daemon uses."""
     try:
@@ -52,7 +80,7 @@ def open_unix(settings: ListenerSettings) -> socket.socket:
     try:
         sock.bind(str(path))
         set_permissions(settings)
-        sock.listen(128)
+        sock.listen(backlog())
     except (OSError, ListenerError) as exc:
         sock.close()
         path.unlink(missing_ok=True)
@@ -87,7 +115,7 @@ def open_tcp(settings: ListenerSettings) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(128)
+        sock.listen(backlog())
     except OSError as exc:
         raise ListenerError(f"{settings.where}: {exc.strerror}") from None
     return sock

@@ -6,7 +6,6 @@ counters. The endpoint is a few lines of trio: a scrape is one GET.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, TypeVar
@@ -232,36 +231,53 @@ async def serve_metrics(
     await trio.serve_listeners(functools.partial(_handle, render=render, healthy=healthy), listeners)
 
 
+#: Seconds a scraper gets to send its request, and to take the answer.
+REQUEST_TIMEOUT = 5.0
+ANSWER_TIMEOUT = 10.0
+#: The most of a request read; the rest of a longer one is ignored.
+MAX_REQUEST = 8192
+
+
 async def _handle(
     stream: trio.SocketStream, render: Callable[[], Awaitable[bytes]], healthy: Callable[[], bool]
 ) -> None:
-    async with stream:
-        request = b""
-        with trio.move_on_after(5):
-            while b"\r\n\r\n" not in request and len(request) < 8192:
-                data = await stream.receive_some(4096)
-                if not data:
-                    break
-                request += data
-        parts = request.split(b" ", 2)
-        method, path = (parts[0], parts[1]) if len(parts) > 1 else (b"", b"")
-        if method != b"GET":
-            status, body, kind = b"405 Method Not Allowed", b"only GET\n", b"text/plain"
-        elif path == b"/metrics":
-            status, body, kind = b"200 OK", await render(), b"text/plain; version=0.0.4; charset=utf-8"
-        elif path == b"/healthz":
-            ok = healthy()
-            status, body, kind = (
-                (b"200 OK", b"ok\n", b"text/plain")
-                if ok
-                else (b"503 Service Unavailable", b"not ready\n", b"text/plain")
-            )
-        else:
-            status, body, kind = b"404 Not Found", b"not found\n", b"text/plain"
-        head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
-            status,
-            kind,
-            len(body),
+    """One scrape; whatever its peer does (reset, garbage, never reading) ends this connection only."""
+    try:
+        async with stream:
+            await _answer(stream, render, healthy)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the scraper went away (a reset, or it closed before reading the answer)
+    except Exception:
+        log.exception("metrics.internal_error")
+
+
+async def _answer(
+    stream: trio.SocketStream, render: Callable[[], Awaitable[bytes]], healthy: Callable[[], bool]
+) -> None:
+    request = b""
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST:
+            data = await stream.receive_some(4096)
+            if not data:
+                break
+            request += data
+    parts = request.split(b" ", 2)
+    method, path = (parts[0], parts[1]) if len(parts) > 1 else (b"", b"")
+    if method != b"GET":
+        status, body, kind = b"405 Method Not Allowed", b"only GET\n", b"text/plain"
+    elif path == b"/metrics":
+        status, body, kind = b"200 OK", await render(), b"text/plain; version=0.0.4; charset=utf-8"
+    elif path == b"/healthz":
+        ok = healthy()
+        status, body, kind = (
+            (b"200 OK", b"ok\n", b"text/plain") if ok else (b"503 Service Unavailable", b"not ready\n", b"text/plain")
         )
-        with contextlib.suppress(trio.BrokenResourceError):
-            await stream.send_all(head + body)
+    else:
+        status, body, kind = b"404 Not Found", b"not found\n", b"text/plain"
+    head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+        status,
+        kind,
+        len(body),
+    )
+    with trio.move_on_after(ANSWER_TIMEOUT):  # a scraper that never reads is dropped
+        await stream.send_all(head + body)

@@ -52,6 +52,10 @@ from protocol.mechanisms import MECHANISMS, Mechanism
 
 log = structlog.get_logger("authd.server")
 
+#: Dovecot's master hands every auth service its token-login/tokenlogin socket: authd takes
+#: it, and closes each connection at once, so imap-urlauth-login is refused, not left waiting.
+TOKEN_REFUSED = "DOVECOT-TOKEN (imap-urlauth) is not implemented: each connection is closed"
+
 
 @dataclass
 class ListenerInfo:
@@ -208,8 +212,8 @@ class Server:
             extensions=self._extensions(),
             call_timeout=lua.call_timeout,
             max_memory=lua.max_memory,
-        )
             log_script_output=lua.log_script_output,
+        )
 
     def _extensions(self) -> tuple[LuaExtension, ...]:
         return (self._http, self._dns)
@@ -350,7 +354,10 @@ class Server:
 
     def _start_accepting(self, info: ListenerInfo) -> None:
         self._nursery.start_soon(self._accept_loop, info)
-        log.info("listener.ready", type=info.settings.type, where=info.settings.where)
+        if info.settings.type == "token":
+            log.warning("listener.refused", message=TOKEN_REFUSED, type="token", where=info.settings.where)
+        else:
+            log.info("listener.ready", type=info.settings.type, where=info.settings.where)
 
     async def _close_listener(self, info: ListenerInfo, *, unlink: bool) -> None:
         info.scope.cancel()
@@ -623,13 +630,21 @@ class Server:
                     log.error("listener.accept_failed", where=info.settings.where, message=str(exc))
                     await trio.sleep(0.1)
                     continue
-                if (
-                    self.workers is not None
-                    and info.settings.type in SHARED_TYPES
-                    and self.workers.hand_off(info.settings, stream.socket)
-                ):
+                if info.settings.type == "token":
+                    stream.socket.close()  # refused: see TOKEN_REFUSED
                     continue
-                self.serve_connection(info.settings, stream)
+                try:
+                    if (
+                        self.workers is not None
+                        and info.settings.type in SHARED_TYPES
+                        and self.workers.hand_off(info.settings, stream.socket)
+                    ):
+                        continue
+                    self.serve_connection(info.settings, stream)
+                except Exception:
+                    # A connection that cannot be set up costs itself, never the listener.
+                    log.exception("listener.connection_failed", where=info.settings.where)
+                    stream.socket.close()
 
     def serve_connection(self, settings: ListenerSettings, stream: trio.SocketStream) -> None:
         """Start a connection task; it belongs to the server, not to the listener."""
@@ -644,10 +659,13 @@ class Server:
                 where=settings.where,
             )
             nursery.start_soon(conn.run)
-        else:
+        elif kind in ("master", "userdb"):
             path = str(settings.path) if settings.path is not None else None
             master = MasterConnection(self, stream, userdb_only=kind == "userdb", where=settings.where, path=path)
             nursery.start_soon(master.run)
+        else:
+            # Never served as something else (and more powerful): open_listeners refuses these.
+            raise ListenerError(f"{settings.where}: authd does not serve {kind!r} sockets")
 
 
 def _process_count(config: Config, listeners: list[ListenerInfo] | None) -> int:

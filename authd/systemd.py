@@ -4,7 +4,7 @@
 RELOADING=1, STOPPING=1, WATCHDOG=1). `activated_sockets()` takes the sockets a
 .socket unit passed (LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES, starting at fd 3);
 each unit's FileDescriptorName= names the listener type (client, login, master,
-userdb, or a Dovecot-style name such as auth-userdb).
+userdb, or a Dovecot-style name such as auth-userdb); token sockets are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from authd.dovecot_service import socket_type
+from authd.listeners import ListenerError, adopt
 
 SD_LISTEN_FDS_START = 3
 
@@ -65,6 +66,8 @@ def activated_sockets(environ: Mapping[str, str] = os.environ) -> list[Activated
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         name = names[index] if index < len(names) else "unknown"
+        what = f"systemd socket {name!r} (fd {fd})"
+        adopt(sock, what)
         try:
             bound = sock.getsockname()
         except OSError:
@@ -72,6 +75,11 @@ def activated_sockets(environ: Mapping[str, str] = os.environ) -> list[Activated
         path = bound if isinstance(bound, str) and bound else None
         address = (str(bound[0]), int(bound[1])) if isinstance(bound, tuple) else None
         kind = name if name in ("client", "login", "master", "userdb") else socket_type(name)
+        if kind == "token" or name.rsplit("/", 1)[-1] == "token-login":
+            raise ListenerError(
+                f"{what}: authd does not serve DOVECOT-TOKEN (imap-urlauth) sockets;"
+                " remove the socket unit or name it client, login, master or userdb"
+            )
         found.append(ActivatedSocket(name, kind, path, address, sock))
     return found
 
