@@ -11,11 +11,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.flood import run_flood
 from bench.procs import prioritise
 from bench.report import Report, as_json, markdown
 from bench.scenarios import (
     ALL,
     CALIBRATIONS,
+    FLOOD_SCENARIO,
     RSS_SCENARIO,
     SCENARIOS,
     Options,
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 report.scenarios.append(run_scenario(scenario, options, workdir / scenario.name))
         if RSS_SCENARIO in selected:
             report.rss = run_rss(options, workdir / RSS_SCENARIO)
+        if FLOOD_SCENARIO in selected:
+            report.flood = run_flood(options.dovecot, workdir / FLOOD_SCENARIO, progress)
         failed = False
     except KeyboardInterrupt:
         report.interrupted = True

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench import flood
 from bench.backend import LOOP as BACKEND_LOOP
 from bench.scenarios import (
     RSS_LIMIT_MB,
@@ -34,6 +35,7 @@ class Report:
     calibrations: list[Calibration] = field(default_factory=list)
     scenarios: list[ScenarioResult] = field(default_factory=list)
     rss: RssResult | None = None
+    flood: flood.FloodResult | None = None
     interrupted: bool = False
     date: str = field(default_factory=lambda: datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
     #: Taken when the benchmark starts: others may change the work tree while it runs.
@@ -144,6 +146,8 @@ def markdown(report: Report) -> str:
     targets = _targets(report)
     if targets:
         lines += ["", "| target (issue 5) | measured | result |", "|---|---|---|", *targets]
+    if report.flood is not None:
+        lines += ["", *flood.markdown(report.flood)]
     if report.calibrations:
         lines += [
             "",
@@ -218,4 +222,5 @@ def as_json(report: Report) -> dict[str, Any]:
         "calibrations": [c.as_dict() for c in report.calibrations],
         "scenarios": scenarios,
         "rss": asdict(report.rss) if report.rss else None,
+        "flood": asdict(report.flood) if report.flood else None,
     }
