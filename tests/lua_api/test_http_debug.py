@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +77,9 @@ async def ext() -> AsyncIterator[HttpExtension]:
     await extension.aclose()
 
 
-async def run(ext: HttpExtension, request: str, client: str = "{debug = true}") -> tuple[Any, list[dict[str, Any]]]:
+async def run(
+    ext: HttpExtension, request: str, client: str = "{debug = true}"
+) -> tuple[Any, list[MutableMapping[str, Any]]]:
     state = LuaState(Host(), StateOptions(extensions=(ext,)), name="/etc/authd/auth.lua")
     state.lua.execute(
         f"""
@@ -94,7 +96,7 @@ async def run(ext: HttpExtension, request: str, client: str = "{debug = true}") 
     return state.to_python(state.lua.globals()[b"result"]), logs
 
 
-def lines(logs: list[dict[str, Any]]) -> list[str]:
+def lines(logs: list[MutableMapping[str, Any]]) -> list[str]:
     """The debug lines with their request numbers and timings made comparable."""
     out = []
     for entry in logs:
