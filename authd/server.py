@@ -17,7 +17,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -65,6 +65,18 @@ class ListenerInfo:
     owned: bool = True
     #: Cancelled to stop accepting on this listener (a reload removed it).
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+@dataclass
+class MetricsEndpoint:
+    """A metrics endpoint: `stop()` it; `done` is set once its socket is closed (none: no port)."""
+
+    port: int | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def stop(self) -> None:
+        self.scope.cancel()
 
 
 class Server:
@@ -129,8 +141,8 @@ class Server:
             lambda: script_files(self.config), self._scripts_changed, config.reload.watch_interval
         )
         self._watch_scope = trio.CancelScope()
-        self._metrics_scope = trio.CancelScope()
-        self.metrics_port: int | None = None
+        self._metrics = MetricsEndpoint()
+        self._metrics.done.set()
         #: Told when a login client's pid starts or stops being served here (a worker tells its main process).
         self.on_login_client: Callable[[int, bool], None] | None = None
         self.clients: set[ClientConnection] = set()
@@ -326,7 +338,15 @@ class Server:
                 nursery.start_soon(systemd.watchdog)
                 if self.workers is not None:
                     await nursery.start(self.workers.run)
-                await self._start_metrics(self.config.metrics)
+                try:
+                    self._metrics = await self._start_metrics(self.config.metrics)
+                except OSError as exc:  # never fatal at start-up
+                    log.error(
+                        "metrics.failed",
+                        address=self.config.metrics.address,
+                        port=self.config.metrics.port,
+                        message=str(exc),
+                    )
                 for info in self.listeners:
                     self._start_accepting(info)
                 self._start_watching()
@@ -365,26 +385,53 @@ class Server:
         if unlink and info.owned and info.settings.path is not None:
             info.settings.path.unlink(missing_ok=True)
 
-    async def _start_metrics(self, settings: MetricsSettings) -> None:
-        """(Re)start the metrics endpoint; a failure to bind is logged, never fatal."""
-        self._metrics_scope.cancel()
-        self._metrics_scope = trio.CancelScope()
-        self.metrics_port = None
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics.port
+
+    async def _start_metrics(self, settings: MetricsSettings) -> MetricsEndpoint:
+        """Start an endpoint for `settings` (none without an address, or in a worker); raises OSError."""
+        endpoint = MetricsEndpoint()
         if settings.address is None or settings.port is None or self.worker_index:
-            return
-        try:
-            self.metrics_port = await self._nursery.start(self._serve_metrics, settings, self._metrics_scope)
-        except OSError as exc:
-            log.error("metrics.failed", address=settings.address, port=settings.port, message=str(exc))
+            endpoint.done.set()
+            return endpoint
+        endpoint.port = await self._nursery.start(self._serve_metrics, settings, endpoint)
+        return endpoint
 
     async def _serve_metrics(
-        self, settings: MetricsSettings, scope: trio.CancelScope, *, task_status: trio.TaskStatus[int]
+        self, settings: MetricsSettings, endpoint: MetricsEndpoint, *, task_status: trio.TaskStatus[int]
     ) -> None:
         assert settings.address is not None and settings.port is not None
-        with scope:
-            await serve_metrics(
-                self.render_metrics, settings.address, settings.port, self._healthy, task_status=task_status
+        try:
+            with endpoint.scope:
+                await serve_metrics(
+                    self.render_metrics, settings.address, settings.port, self._healthy, task_status=task_status
+                )
+        finally:
+            endpoint.done.set()
+
+    async def _replace_metrics(self, settings: MetricsSettings) -> MetricsEndpoint:
+        """Start the endpoint a reload's [metrics] asks for beside the serving one, which the
+        switch stops; raises ListenerError, with the serving one still serving."""
+        try:
+            return await self._start_metrics(settings)
+        except OSError as exc:
+            if self._metrics.port is None or settings.port != self.config.metrics.port:
+                raise ListenerError(f"metrics {settings.address}:{settings.port}: {exc.strerror}") from None
+        # The serving endpoint holds this port (on another address): it has to close first.
+        self._metrics.stop()
+        await self._metrics.done.wait()
+        try:
+            return await self._start_metrics(settings)
+        except OSError as exc:
+            error = ListenerError(f"metrics {settings.address}:{settings.port}: {exc.strerror}")
+        try:
+            self._metrics = await self._start_metrics(self.config.metrics)  # the one that served
+        except OSError as exc:
+            log.error(
+                "metrics.failed", address=self.config.metrics.address, port=self.config.metrics.port, message=str(exc)
             )
+        raise error
 
     async def render_metrics(self) -> bytes:
         """The metrics page: this process's, with every worker's samples added in."""
@@ -441,15 +488,22 @@ class Server:
         new = self._build_generation(config, cache)
         baseline = self.watcher.snapshot(script_files(config))  # before loading: see edits made meanwhile
         opened: list[ListenerInfo] = []
+        permissions = False
+        metrics: MetricsEndpoint | None = None
         try:
             await new.start()
             if self._listeners_from_config:
                 opened = self._open_added_listeners(config)
                 self._update_permissions(config)
+                permissions = True
+            if config.metrics != self.config.metrics:
+                metrics = await self._replace_metrics(config.metrics)  # the last step that can fail
         except (ScriptLoadError, ListenerError) as exc:
             log.error("reload.failed", reason=reason, message=str(exc))
             for info in opened:
                 _discard_listener(info)
+            if permissions:
+                _put_back_permissions(old for old, _ in self._changed_sockets(config))
             with trio.CancelScope(shield=True):
                 await new.close()
             return False
@@ -464,8 +518,9 @@ class Server:
         self._nursery.start_soon(self._retire, old)
         if self._listeners_from_config:
             await self._switch_listeners(config, opened)
-        if config.metrics != old_config.metrics:
-            await self._start_metrics(config.metrics)
+        if metrics is not None:
+            self._metrics.stop()
+            self._metrics = metrics
         self.watcher.seen = baseline
         if config.reload != old_config.reload:
             self._start_watching()
@@ -504,21 +559,26 @@ class Server:
             raise
         return opened
 
+    def _changed_sockets(self, config: Config) -> list[tuple[ListenerSettings, ListenerSettings]]:
+        """(old, new) settings of the unix sockets kept with other settings."""
+        wanted = {settings.where: settings for settings in config.listeners}
+        changed = []
+        for info in self.listeners:
+            settings = wanted.get(info.settings.where)
+            if settings is not None and settings.path is not None and settings != info.settings:
+                changed.append((info.settings, settings))
+        return changed
+
     def _update_permissions(self, config: Config) -> None:
         """Give kept unix sockets the new config's mode and owner; if one cannot have them,
         put back the old ones and raise ListenerError."""
-        wanted = {settings.where: settings for settings in config.listeners}
         done: list[ListenerSettings] = []
         try:
-            for info in self.listeners:
-                settings = wanted.get(info.settings.where)
-                if settings is not None and settings.path is not None and settings != info.settings:
-                    done.append(info.settings)
-                    set_permissions(settings)
+            for old, settings in self._changed_sockets(config):
+                done.append(old)
+                set_permissions(settings)
         except ListenerError:
-            for old in done:
-                with contextlib.suppress(ListenerError):
-                    set_permissions(old)
+            _put_back_permissions(done)
             raise
 
     async def _switch_listeners(self, config: Config, opened: list[ListenerInfo]) -> None:
@@ -682,6 +742,13 @@ def _process_count(config: Config, listeners: list[ListenerInfo] | None) -> int:
 def _environment(config: Config) -> dict[str, str]:
     """What scripts see of the environment: only [lua] import_environment, like Dovecot."""
     return {name: os.environ[name] for name in config.lua.import_environment if name in os.environ}
+
+
+def _put_back_permissions(settings: Iterable[ListenerSettings]) -> None:
+    """Undo _update_permissions (as far as it goes)."""
+    for old in settings:
+        with contextlib.suppress(ListenerError):
+            set_permissions(old)
 
 
 def _discard_listener(info: ListenerInfo) -> None:

@@ -9,7 +9,9 @@ import base64
 import os
 import shutil
 import signal
+import socket
 import stat
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,48 @@ def test_a_failed_reload_that_touched_cache_keeps_the_cache_flush_reaches(tmp_pa
         assert auth(proc, "dave") == "OK\t1\tuser=dave@example.com\toriginal_user=dave"
         assert flush(proc) == "1 cache entries flushed\n"
         assert proc.alive
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def with_metrics(config: str, address: str, port: int) -> str:
+    return config.replace("[reload]\n", f'[metrics]\naddress = "{address}"\nport = {port}\n\n[reload]\n')
+
+
+def test_a_metrics_port_that_cannot_be_bound_fails_the_reload(tmp_path: Path) -> None:
+    old_port = free_port()
+    with (
+        socket.create_server(("127.0.0.1", 0)) as taken,
+        AuthdProcess(tmp_path, with_metrics(GOOD, "127.0.0.1", old_port), {"s.lua": SCRIPT}) as proc,
+    ):
+        assert auth(proc, "alice") == "OK\t1\tuser=alice"
+        assert "authd_cache_entries 1.0\n" in scrape(old_port)
+
+        changed = BASE.format(auth="", size=2_000_000, extra="", client="", listener="")
+        proc.config_path.write_text(with_metrics(changed, "127.0.0.1", taken.getsockname()[1]))
+        failed = sighup(proc, "reload.failed")
+        assert str(taken.getsockname()[1]) in str(failed["message"])
+
+        page = scrape(old_port)  # the old endpoint still serves, with the old cache's figures
+        assert "authd_cache_entries 1.0\n" in page
+        assert 'authd_reloads_total{result="failed"} 1.0\n' in page
+        assert flush(proc) == "1 cache entries flushed\n"
+
+
+def test_metrics_move_to_another_address_of_the_same_port(tmp_path: Path) -> None:
+    port = free_port()
+    with AuthdProcess(tmp_path, with_metrics(GOOD, "127.0.0.1", port), {"s.lua": SCRIPT}) as proc:
+        assert "authd_auth_requests_total" in scrape(port)
+        proc.config_path.write_text(with_metrics(GOOD, "0.0.0.0", port))
+        sighup(proc, "reload.done")
+        assert 'authd_reloads_total{result="ok"} 1.0\n' in scrape(port)
+        assert proc.wait_for_log(lambda e: e.get("event") == "metrics.ready" and e.get("address") == "0.0.0.0")
