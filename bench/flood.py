@@ -54,6 +54,8 @@ class FloodRun:
     #: Fresh logins that were not answered OK within LOGIN_TIMEOUT.
     login_failures: int = 0
     login_after_close_ms: float | None = None
+    #: The server closed the flood's connection before the end.
+    flood_dropped: bool = False
 
     @property
     def login_p50_ms(self) -> float:
@@ -86,22 +88,32 @@ class _Flood:
             b"AUTH\t%d\tPLAIN\tservice=smtp\tno-penalty\tresp=%s\n" % (n, resp) for n in range(1, FLOOD_LINES + 1)
         )
         self.sent = 0
+        #: The server closed the connection (Dovecot's auth process may run out of memory).
+        self.dropped = False
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.sock.setblocking(False)
 
     def push(self) -> None:
         """Write what the socket takes now; read and drop whatever came back."""
+        if self.dropped:
+            return
         try:
             while self.sent < len(self.data):
                 self.sent += self.sock.send(self.data[self.sent : self.sent + 65536])
         except (BlockingIOError, InterruptedError):
             pass
+        except OSError:
+            self.dropped = True
+            return
         try:
-            while self.sock.recv(65536):
-                pass
+            while chunk := self.sock.recv(65536):
+                del chunk
+            self.dropped = True  # EOF
         except (BlockingIOError, InterruptedError):
             pass
+        except OSError:
+            self.dropped = True
 
     @property
     def lines_taken(self) -> int:
@@ -163,6 +175,7 @@ def _flood(server: Server) -> FloodRun:
         time.sleep(0.05)
     flood.push()
     run.lines_taken = flood.lines_taken
+    run.flood_dropped = flood.dropped
     flood.close()
     closed = time.monotonic()
     while time.monotonic() - closed < AFTER_CLOSE_SECONDS:
@@ -191,7 +204,9 @@ def run_flood(dovecot: bool, workdir: Path, progress: Callable[[str], None]) -> 
                 progress(f"[flood] {server.name}: one connection pipelines {FLOOD_LINES:,} AUTHs")
                 run = _flood(server)
                 progress(
-                    f"[flood] {server.name}: {run.lines_taken:,} lines taken, peak RSS {run.peak_rss_mb:.0f} MB, "
+                    f"[flood] {server.name}: {run.lines_taken:,} lines taken"
+                    + (" (then it closed the connection)" if run.flood_dropped else "")
+                    + f", peak RSS {run.peak_rss_mb:.0f} MB, "
                     f"{run.rss_after_close_mb:.0f} MB after close; fresh logins p50 {run.login_p50_ms:.1f} ms "
                     f"max {run.login_max_ms:.1f} ms, {run.login_failures} not answered in {LOGIN_TIMEOUT:.0f} s"
                 )
@@ -213,13 +228,15 @@ def markdown(result: FloodResult) -> list[str]:
         f"{FLOOD_SECONDS:.0f} s flood; RSS watched until {AFTER_CLOSE_SECONDS:.0f} s after the flood's "
         "connection closed. authd with its default settings, Dovecot blocking=yes with 30 workers.",
         "",
-        "| server | flood lines taken | RSS before MB | peak RSS MB | RSS 10 s after close MB | fresh logins "
-        "| not answered in 5 s | login p50 ms | login max ms | login after close ms | bounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server | flood lines taken | server closed the flood | RSS before MB | peak RSS MB "
+        "| RSS 10 s after close MB | fresh logins | not answered in 5 s | login p50 ms | login max ms "
+        "| login after close ms | bounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result.runs:
         lines.append(
-            f"| {run.server} | {_num(run.lines_taken)} | {_num(run.base_rss_mb)} | {_num(run.peak_rss_mb)} | "
+            f"| {run.server} | {_num(run.lines_taken)} | {'yes' if run.flood_dropped else 'no'} | "
+            f"{_num(run.base_rss_mb)} | {_num(run.peak_rss_mb)} | "
             f"{_num(run.rss_after_close_mb)} | {len(run.login_ms) + run.login_failures} | {run.login_failures} | "
             f"{_num(run.login_p50_ms, 1)} | {_num(run.login_max_ms, 1)} | {_num(run.login_after_close_ms, 1)} | "
             f"{'held' if run.bounds_held() else '**not held**'} |"
