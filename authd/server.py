@@ -625,12 +625,14 @@ class Server:
     # --- worker processes ---------------------------------------------------------------
 
     def _share_of(self, config: Config) -> Config:
-        """This process's part of [lua] workers: the states and threads the setting
-        gives a script are spread over the processes (at least one each)."""
+        """This process's part of [lua] workers and [cache] size: the states and threads
+        the setting gives a script are spread over the processes (at least one each), and
+        so is the memory of the auth caches (each process has its own)."""
         if self._processes == 1:
             return config
         workers = -(-config.lua.workers // self._processes)
-        return replace(config, lua=replace(config.lua, workers=workers))
+        cache = replace(config.cache, size=config.cache.size // self._processes)
+        return replace(config, lua=replace(config.lua, workers=workers), cache=cache)
 
     def _worker_command(self) -> list[str]:
         assert self.config.source is not None

@@ -5,13 +5,19 @@
 
 from __future__ import annotations
 
+import base64
 import gc
+import re
 import tracemalloc
+import urllib.request
+from pathlib import Path
 
 from authd.auth_request import AuthRequest, UsernameRules
 from authd.cache import AuthCache
 from authd.cache_glue import PassdbCache, UserdbCache, parse_cache_key
 from lua_api.results import PassdbResult, UserdbResult
+from tests.authd_process import AuthdProcess
+from tests.interop.wire import Wire
 
 MAX_SIZE = 2 * 1024 * 1024  # [cache] size = "2M"
 USERS = 60_000
@@ -68,3 +74,44 @@ def test_a_full_cache_holds_its_configured_size_in_real_memory() -> None:
     assert abs(held - cache.size) <= MAX_SIZE * 0.1, (held, cache.size)  # the count is what it costs
     hit = cache.lookup(b"P1\tuser%05d@example.com" % (USERS - 1))
     assert hit is not None and hit.value.startswith(b"{SHA512-CRYPT}")
+
+
+SCRIPT = """\
+function auth_passdb_lookup(req)
+  return dovecot.auth.PASSDB_RESULT_OK, "password=pw quota_rule=*:storage=1G"
+end
+"""
+
+
+def test_the_size_holds_for_all_processes_together(tmp_path: Path) -> None:
+    """Each process has its own cache: [cache] size is spread over them, as [lua] workers is."""
+    config = (
+        "[auth]\nfailure_delay = 0\npenalty = false\n[cache]\nsize = 100000\n"
+        '[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n[lua]\nworkers = 2\n'
+        '[server]\nprocesses = 2\n[metrics]\naddress = "127.0.0.1"\nport = 0\n'
+        '[[listener]]\ntype = "client"\npath = "auth-client"\n'
+    )
+    with AuthdProcess(tmp_path, config, {"s.lua": SCRIPT}) as proc:
+        wires = [Wire.auth_client(proc.socket("auth-client"), timeout=20) for _ in range(4)]  # two per process
+        try:
+            for number, wire in enumerate(wires):
+                wire.send("VERSION\t1\t2", f"CPID\t{number + 1}")
+                users = [f"user{number}-{i:04d}@example.com" for i in range(400)]
+                for start in range(0, len(users), 100):
+                    batch = users[start : start + 100]
+                    wire.send(
+                        *(f"AUTH\t{start + i + 1}\tPLAIN\tservice=imap\tresp={plain(u)}" for i, u in enumerate(batch))
+                    )
+                    assert all(wire.read_line().startswith("OK\t") for _ in batch)
+        finally:
+            for wire in wires:
+                wire.close()
+        port = proc.wait_for_log(lambda e: e.get("event") == "metrics.ready")["port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            page = response.read().decode()
+    size = float(re.search(r"^authd_cache_bytes (\S+)$", page, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    assert 80_000 <= size <= 100_000, size
+
+
+def plain(user: str) -> str:
+    return base64.b64encode(f"\0{user}\0pw".encode()).decode()
