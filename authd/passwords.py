@@ -724,13 +724,13 @@ def generate(plain: bytes, scheme: str, *, user: bytes = b"", rounds: int | None
     return raw
 
 
-def format_for_pw(plain: bytes, scheme: str, user: bytes = b"") -> bytes:
-    """The line `doveadm pw -s SCHEME -p PLAIN [-u USER]` prints, without its newline.
+def format_for_pw(plain: bytes, scheme: str, user: bytes = b"", rounds: int | None = None) -> bytes:
+    """The line `doveadm pw -s SCHEME -p PLAIN [-u USER] [-r ROUNDS]` prints, without its newline.
 
     doveadm fails for DIGEST-MD5 without -u; here an empty `user` acts like `-u ""`.
     """
     name = _ascii_upper(scheme)
-    return b"{%s}%s" % (_name_bytes(name), generate(plain, name, user=user))
+    return b"{%s}%s" % (_name_bytes(name), generate(plain, name, user=user, rounds=rounds))
 
 
 def credentials(stored: bytes, wanted_scheme: str, *, default_scheme: str = "PLAIN", user: bytes = b"") -> bytes:

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> str:
     if args.rounds is not None and not 0 <= args.rounds <= 0xFFFFFFFF:
         raise PwError(f"Invalid number of rounds: {args.rounds}")
     try:
-        line = format_for_pw(plain, scheme, user)
+        line = format_for_pw(plain, scheme, user, args.rounds)
     except PasswordGenerationError as exc:
         raise PwError(str(exc)) from None
     if args.test_hash is None and not args.reverse_verify:
