@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import structlog
 import trio
 
 from authd.dovecot_service import socket_type
@@ -22,19 +23,29 @@ from authd.listeners import ListenerError, adopt
 
 SD_LISTEN_FDS_START = 3
 
+log = structlog.get_logger("authd.systemd")
+
+
+#: NOTIFY_SOCKET addresses whose failure was logged (until a message gets through again).
+_failing: set[str] = set()
+
 
 def notify(message: str, environ: Mapping[str, str] = os.environ) -> bool:
-    """Send one sd_notify message; False when not running under systemd."""
-    address = environ.get("NOTIFY_SOCKET")
-    if not address:
+    """Send one sd_notify message; False when not running under systemd or it failed
+    (logged once, with the cause, however many messages fail after it)."""
+    name = environ.get("NOTIFY_SOCKET")
+    if not name:
         return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace
+    address = "\0" + name[1:] if name.startswith("@") else name  # @: the abstract namespace
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
             sock.sendto(message.encode(), address)
-        except OSError:
+        except OSError as exc:
+            if name not in _failing:
+                _failing.add(name)
+                log.error("systemd.notify_failed", address=name, message=exc.strerror or str(exc))
             return False
+    _failing.discard(name)
     return True
 
 

@@ -124,7 +124,7 @@ class WorkerPool:
             finally:
                 theirs.close()
             worker.pid = process.pid
-            worker.channel = channel = ControlChannel(ours)
+            worker.channel = channel = ControlChannel(ours, f"worker {worker.index}")
             channel.send({"op": "secret", "value": self._hooks.token_secret.hex()})
             try:
                 async with trio.open_nursery() as nursery:
@@ -189,7 +189,7 @@ class WorkerPool:
         if turn == 0:
             return False
         worker = self._workers[turn - 1]
-        if not worker.ready or worker.channel is None:
+        if not worker.ready or worker.channel is None or worker.channel.closed:
             return False
         message = {
             "op": "connection",
