@@ -30,6 +30,11 @@ ROUNDS = [
 ]
 
 
+def pw_line(scheme: str, shape: str) -> str:
+    """The pattern of the line `pw -s SCHEME` prints, its hash matching SHAPE."""
+    return r"\{" + scheme + r"\}" + shape + r"\n"
+
+
 def doveadm_pw(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["doveadm", "-c", "/dev/null", "pw", *args], capture_output=True, text=True, timeout=60, check=False
@@ -40,14 +45,14 @@ def doveadm_pw(*args: str) -> subprocess.CompletedProcess[str]:
 def test_pw_uses_the_rounds(scheme: str, rounds: int, shape: str) -> None:
     made = authd("pw", "-s", scheme, "-r", str(rounds), "-p", PASSWORD)
     assert made.returncode == 0, made.stderr
-    assert re.fullmatch(r"\{%s\}%s\n" % (scheme, shape), made.stdout)
+    assert re.fullmatch(pw_line(scheme, shape), made.stdout)
 
 
 @needs_doveadm
 @pytest.mark.parametrize(("scheme", "rounds", "shape"), ROUNDS)
 def test_doveadm_writes_the_same_rounds_and_verifies_ours(scheme: str, rounds: int, shape: str) -> None:
     theirs = doveadm_pw("-s", scheme, "-r", str(rounds), "-p", PASSWORD)
-    assert re.fullmatch(r"\{%s\}%s\n" % (scheme, shape), theirs.stdout), theirs.stderr
+    assert re.fullmatch(pw_line(scheme, shape), theirs.stdout), theirs.stderr
     ours = authd("pw", "-s", scheme, "-r", str(rounds), "-p", PASSWORD).stdout.strip()
     checked = doveadm_pw("-t", ours, "-p", PASSWORD)
     assert checked.stdout == ours + " (verified)\n", checked.stderr
