@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from authd.listeners import backlog
 from protocol.mechanisms import MECHANISMS
 
 log = structlog.get_logger("authd.metrics")
@@ -225,7 +226,7 @@ async def serve_metrics(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer GET /metrics and GET /healthz; anything else is a 404."""
-    listeners = await trio.open_tcp_listeners(port, host=address)
+    listeners = await trio.open_tcp_listeners(port, host=address, backlog=backlog())
     task_status.started(listeners[0].socket.getsockname()[1])
     log.info("metrics.ready", address=address, port=listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(functools.partial(_handle, render=render, healthy=healthy), listeners)

@@ -68,7 +68,12 @@ async def _obey(server: Server, channel: ControlChannel, nursery: trio.Nursery) 
                 port=message["port"],
                 handshake=message["handshake"],
             )
-            server.serve_connection(settings, trio.SocketStream(trio.socket.from_stdlib_socket(attached)))
+            try:
+                server.serve_connection(settings, trio.SocketStream(trio.socket.from_stdlib_socket(attached)))
+            except Exception:
+                # A connection that cannot be set up costs itself, never the worker.
+                log.exception("worker.connection_failed", type=settings.type, where=settings.where)
+                attached.close()
             continue
         if attached is not None:
             attached.close()
