@@ -304,7 +304,6 @@ class InheritingDaemon:
         names: list[str],
         *,
         dovecot: bool,
-        extra_env: dict[str, str] | None = None,
         sockets: list[socket.socket] | None = None,
     ) -> None:
         self.workdir = workdir
@@ -314,7 +313,7 @@ class InheritingDaemon:
         self.sockets = sockets or [unix_listener(workdir / name.replace("/", "-")) for name in names]
         self.log_path = workdir / "authd.log"
         first = 7 if dovecot else 3
-        env = dict(os.environ, PYTHONPATH=str(REPO), **(extra_env or {}))
+        env = dict(os.environ, PYTHONPATH=str(REPO))
         if dovecot:
             self._dead_read, dead_write = os.pipe()
             env["SOCKET_COUNT"] = str(len(names))
