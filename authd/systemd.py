@@ -100,7 +100,11 @@ async def watchdog(environ: Mapping[str, str] = os.environ) -> None:
     usec = environ.get("WATCHDOG_USEC")
     if not usec or environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
         return
-    interval = int(usec) / 1_000_000 / 2
+    try:
+        interval = int(usec) / 1_000_000 / 2
+    except ValueError:
+        log.error("systemd.watchdog_invalid", value=usec, message="WATCHDOG_USEC is not a number of microseconds")
+        return
     while True:
         notify("WATCHDOG=1", environ)
         await trio.sleep(interval)

@@ -188,3 +188,19 @@ def test_control_receive_drops_a_truncated_message() -> None:
             "message": f"message dropped: longer than {control.BUFFER_SIZE} bytes",
         }
     ]
+
+
+def test_a_watchdog_interval_that_is_not_a_number_is_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "30s")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    proc = AuthdProcess(tmp_path, CONFIG)
+    try:
+        proc.start()
+        event = proc.wait_for_log(lambda e: e.get("event") == "systemd.watchdog_invalid")
+        assert (event["level"], event["value"]) == ("error", "30s")
+        assert proc.alive
+    finally:
+        assert proc.stop() == 0
+        notify.close()
