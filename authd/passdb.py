@@ -107,6 +107,16 @@ def username_accepted(filters: Sequence[str], username: bytes) -> bool:
     return matched or not have_includes
 
 
+def _worker_result(req: AuthRequest, entry: PassdbEntry, result: int) -> int:
+    """What Dovecot's auth worker answers for a blocking passdb: an OK whose fields failed a
+    check (allow_nets, allow_real_nets, ...) comes back as a password mismatch, so a PASS
+    lookup gets FAIL; a passdb in the main process turns it into "user unknown" later.
+    """
+    if result == PassdbResult.OK and req.failed and getattr(entry.driver, "blocking", False) is True:
+        return PassdbResult.PASSWORD_MISMATCH
+    return result
+
+
 @dataclass
 class PassdbChain:
     """The configured passdbs in order (master passdbs kept apart)."""
@@ -200,7 +210,7 @@ class PassdbChain:
             if cached is not None:
                 return cached
         started = time.monotonic()
-        result = await entry.driver.verify_plain(req, password)
+        result = _worker_result(req, entry, await entry.driver.verify_plain(req, password))
         self.observe(entry.label, "passdb", time.monotonic() - started)
         if result == PassdbResult.OK and b"noauthenticate" in req.extra_fields:
             result = PassdbResult.NEXT
@@ -225,6 +235,7 @@ class PassdbChain:
                 return handle_credentials(req, cached[0], cached[1], cached[2] or "PLAIN", scheme)
         started = time.monotonic()
         result, credentials = await entry.driver.lookup_credentials(req, scheme)
+        result = _worker_result(req, entry, result)
         self.observe(entry.label, "passdb", time.monotonic() - started)
         if result == PassdbResult.OK and b"noauthenticate" in req.extra_fields:
             result = PassdbResult.NEXT

@@ -47,6 +47,7 @@ SCRIPTS = (
     "request_api.lua",
     "results_lookup.lua",
     "results_verify.lua",
+    "trusted_nets.lua",
 )
 #: Files the scripts load at run time (modules, the users file).
 SUPPORT_FILES = (SCRIPTS_DIR / "json.lua", SCRIPTS_DIR / "users.txt", FIXTURES_DIR / "base64.lua")
@@ -389,13 +390,14 @@ class UserLookup:
 
 @dataclass(frozen=True)
 class PassLookup:
-    """PASS on the auth-userdb socket (doveadm auth lookup)."""
+    """PASS on the auth-userdb socket (doveadm auth lookup), with FIELDS after service=."""
 
     user: str
     service: str = "doveadm"
+    fields: tuple[str, ...] = ()
 
     def run(self, server: Server) -> Reply:
-        return _master(server, f"PASS\t1\t{self.user}\tservice={self.service}")
+        return _master(server, "\t".join((f"PASS\t1\t{self.user}\tservice={self.service}", *self.fields)))
 
 
 @dataclass(frozen=True)

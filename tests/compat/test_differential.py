@@ -98,6 +98,8 @@ def cases(script: str, *entries: tuple[str, Exchange] | tuple[str, Exchange, str
 
 APP_PASSWORD = NEXTCLOUD_APP_PASSWORD
 CONNECTION = ("rip=192.0.2.10", "lip=192.0.2.1", "lport=143", "rport=50000", "secured", "session=sess1")
+#: trusted_nets.lua's networks: 10.0.0.0/8 is trusted, 192.0.2.10 is not.
+INSIDE, OUTSIDE = "real_rip=10.1.2.3", "real_rip=192.0.2.10"
 
 CASES: list[Case] = [
     *cases(
@@ -332,6 +334,32 @@ CASES: list[Case] = [
         ("pass-lookup", PassLookup("vren")),
         ("user-lookup", UserLookup("vren")),
         ("request", LoginRequest(Auth("vpass", "secret"))),
+    ),
+    *cases(
+        "trusted_nets.lua",
+        ("pass-lookup-no-ip", PassLookup("webmail")),
+        ("pass-lookup-outside", PassLookup("webmail", fields=(OUTSIDE,))),
+        ("pass-lookup-inside", PassLookup("webmail", fields=(INSIDE,))),
+        ("pass-lookup-rip-inside-real-outside", PassLookup("webmail", fields=("rip=10.1.2.3", OUTSIDE))),
+        ("pass-lookup-real-inside-rip-outside", PassLookup("webmail", fields=("rip=192.0.2.10", INSIDE))),
+        ("pass-lookup-table-outside", PassLookup("tbl", fields=(OUTSIDE,))),
+        ("pass-lookup-allow-nets-outside", PassLookup("clients", fields=("rip=198.51.100.1",))),
+        ("pass-lookup-allow-nets-inside", PassLookup("clients", fields=("rip=192.0.2.77",))),
+        ("pass-lookup-local", PassLookup("localonly")),
+        ("pass-lookup-local-with-ip", PassLookup("localonly", fields=(INSIDE,))),
+        ("pass-lookup-nopassword-outside", PassLookup("token", fields=(OUTSIDE,))),
+        ("pass-lookup-nopassword-inside", PassLookup("token", fields=(INSIDE,))),
+        ("pass-lookup-unrestricted", PassLookup("anyone")),
+        ("pass-lookup-unknown", PassLookup("nobody")),
+        ("outside", Auth("webmail", "webpass", fields=(OUTSIDE,))),
+        ("inside", Auth("webmail", "webpass", fields=(INSIDE,))),
+        ("outside-wrong-password", Auth("webmail", "wrong", fields=(OUTSIDE,))),
+        ("table-outside", Auth("tbl", "tblpass", fields=(OUTSIDE,))),
+        ("allow-nets-outside", Auth("clients", "clientpass", fields=("rip=198.51.100.1",))),
+        ("nopassword-outside", Auth("token", "x", fields=(OUTSIDE,))),
+        ("login-socket-outside", Auth("webmail", "webpass", fields=("rip=10.1.2.3", OUTSIDE), socket="auth-login")),
+        ("request-outside", LoginRequest(Auth("webmail", "webpass", fields=(OUTSIDE,)))),
+        ("user-lookup", UserLookup("webmail")),
     ),
 ]
 
