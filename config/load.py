@@ -8,6 +8,7 @@ keys are errors too: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -49,6 +50,11 @@ class ConfigError(Exception):
     """The configuration is invalid; the message says where and why."""
 
 
+#: Dovecot's size units (settings_get_size): a number, then B, k, M, G or T, optionally followed by B.
+_SIZE = re.compile(r"([0-9]+)\s*([kmgt]?)b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
 class _Table:
     """A TOML table being read, remembering its path for error messages."""
 
@@ -84,6 +90,18 @@ class _Table:
         if minimum is not None and isinstance(value, int) and value < minimum:
             raise self.error(key, f"expected an integer >= {minimum}, got {value}")
         return value  # type: ignore[no-any-return]
+
+    def size(self, key: str, default: int) -> int:
+        """Bytes, as an integer or a string with Dovecot's units: "2M", "512 k", "1G" (powers of 1024)."""
+        value = self._get(key, (int, str), 'an integer or a size such as "2M"', default)
+        if isinstance(value, str):
+            match = _SIZE.fullmatch(value.strip())
+            if match is None:
+                raise self.error(key, f'expected a size such as "64k", "2M" or "1G", got {value!r}')
+            value = int(match[1]) * _SIZE_UNITS[match[2].lower()]
+        if value < 0:
+            raise self.error(key, f"expected a size >= 0, got {value}")
+        return int(value)
 
     def number(self, key: str, default: float, minimum: float | None = None) -> float:
         value = float(self._get(key, (int, float), "a number", default))
@@ -296,7 +314,7 @@ def _lua(t: _Table) -> LuaSettings:
         package_cpath=t.string("package_cpath", None),
         import_environment=t.strings("import_environment", ()),
         call_timeout=t.number("call_timeout", 30.0, minimum=0.001),
-        max_memory=t.integer("max_memory", 0, minimum=0),
+        max_memory=t.size("max_memory", 0),
         log_script_output=t.boolean("log_script_output", False),
     )
     t.finish()
@@ -305,7 +323,7 @@ def _lua(t: _Table) -> LuaSettings:
 
 def _cache(t: _Table) -> CacheSettings:
     settings = CacheSettings(
-        size=t.integer("size", 0, minimum=0),
+        size=t.size("size", 0),
         ttl=t.number("ttl", 3600.0, minimum=0),
         negative_ttl=t.number("negative_ttl", 3600.0, minimum=0),
     )

@@ -81,6 +81,13 @@ def test_limits() -> None:
     assert (limits.requests_per_connection, limits.requests_total) == (10, 10)
 
 
+def test_sizes_take_dovecots_units() -> None:
+    sizes = {"2M": 2 << 20, "512 k": 512 << 10, "1G": 1 << 30, "64kB": 64 << 10, "100": 100, 4096: 4096}
+    for given, expected in sizes.items():
+        config = parse_config({"cache": {"size": given}, "lua": {"max_memory": given}, **MINIMAL})
+        assert (config.cache.size, config.lua.max_memory) == (expected, expected), given
+
+
 def test_the_documented_example(tmp_path: Path) -> None:
     path = tmp_path / "authd.toml"
     path.write_text(
@@ -198,6 +205,15 @@ workers = 30
             "limits.requests_total: expected at least requests_per_connection (200), got 100",
         ),
         ({"limits": {"requests": 5}, **MINIMAL}, "limits.requests: unknown setting"),
+        (
+            {"cache": {"size": "2 parsecs"}, **MINIMAL},
+            'cache.size: expected a size such as "64k", "2M" or "1G", got \'2 parsecs\'',
+        ),
+        ({"cache": {"size": -1}, **MINIMAL}, "cache.size: expected a size >= 0, got -1"),
+        (
+            {"lua": {"max_memory": 1.5}, **MINIMAL},
+            'lua.max_memory: expected an integer or a size such as "2M", got a number (1.5)',
+        ),
     ],
 )
 def test_errors_name_key_and_expectation(data: dict[str, object], message: str) -> None:
