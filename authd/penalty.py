@@ -1,7 +1,7 @@
 """Per-IP brute-force slowdown: Dovecot's auth penalty (auth-penalty.c + anvil's penalty.c).
 
-Each failed login from an address raises its penalty; the next request from there
-waits 2·2^N seconds (N ≤ 4, at most 15 s) before the mechanism even starts. A success
+Each failed login from an address raises its penalty N (at most 4); the next request from
+there waits 2·2^N seconds (4, 8, 15, 15) before the mechanism even starts. A success
 resets it. Repeating the same user and password does not escalate. IPv6 addresses
 share a bucket per /48. Requests flagged `no-penalty`, and clients in trusted
 networks, are exempt. The table forgets idle addresses and never grows unbounded.
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 INIT_SECS = 2
 MAX_SECS = 15
 MAX_PENALTY = 4
-#: AUTH_PENALTY_TIMEOUT: anvil forgets a record this long after its last update.
-EXPIRE_SECS = INIT_SECS << MAX_PENALTY
+#: AUTH_PENALTY_TIMEOUT (2 + 4 + 8 + 15 s): anvil forgets a record this long after its last update.
+EXPIRE_SECS = INIT_SECS + 4 + 8 + MAX_SECS
 IPV6_MASK_BITS = 48
 #: How many user+password checksums are remembered per address (anvil keeps 10).
 CHECKSUMS = 10

@@ -53,7 +53,7 @@ def test_penalty_decays_with_time() -> None:
     assert tracker.lookup("a") == 2
     clock.now += 2  # 15 s after the last failure the whole penalty has drained
     assert tracker.lookup("a") == 0
-    clock.now += 40  # records are forgotten after 32 s without updates
+    clock.now += 40  # records are forgotten after 29 s without updates
     assert tracker.lookup("a") == 0 and len(tracker) == 0
 
 
