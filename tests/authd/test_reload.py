@@ -248,13 +248,19 @@ def test_a_failing_reload_keeps_the_old_script(tmp_path: Path, broken: str, expe
 
 
 def test_an_edit_made_while_the_scripts_load_at_start_is_picked_up(tmp_path: Path) -> None:
-    # script_init takes a second; the edit lands in the middle of it
-    slow = 'function script_init() os.execute("sleep 1") return 0 end\n' + VERSIONED % 1
-    proc = AuthdProcess(tmp_path, CONFIG, {"s.lua": slow})
+    # script_init takes a second; the edit lands in the middle of it. It says when it
+    # has begun: a fixed wait would race authd's own start (imports take 0.3 to 1 s on a
+    # busy machine), and an edit made before authd reads the script is no reload at all.
+    loading = tmp_path / "loading"
+    slow = f'function script_init() io.open("{loading}", "w"):close() os.execute("sleep 1") return 0 end\n'
+    proc = AuthdProcess(tmp_path, CONFIG, {"s.lua": slow + VERSIONED % 1})
     starting = threading.Thread(target=proc.start)
     starting.start()
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while not loading.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loading.exists(), proc.log_text()
         (tmp_path / "s.lua").write_text(VERSIONED % 2)
         starting.join(60)
         proc.wait_for_log(lambda e: e.get("event") == "reload.done", timeout=10)
