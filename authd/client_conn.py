@@ -85,6 +85,15 @@ class InFlight:
             self._unlogged = 0
 
 
+def hung_up(stream: trio.abc.Stream) -> bool:
+    """Has the peer of a connection that is not being read hung up (or reset it)?"""
+    if not isinstance(stream, trio.SocketStream):
+        return False
+    poller = select.poll()
+    poller.register(stream.socket.fileno(), _HANGUP)
+    return bool(poller.poll(0))
+
+
 def log_duplicate_pid(pid: int, **context: object) -> None:
     """Dovecot's error for a login client pid that another live connection has."""
     log.error(
@@ -188,11 +197,7 @@ class ClientConnection:
         return True
 
     def _hung_up(self) -> bool:
-        if not isinstance(self.stream, trio.SocketStream):
-            return False
-        poller = select.poll()
-        poller.register(self.stream.socket.fileno(), _HANGUP)
-        return bool(poller.poll(0))
+        return hung_up(self.stream)
 
     async def send_line(self, line: bytes) -> None:
         """Send a reply produced outside the protocol's queue (delayed FAILs)."""

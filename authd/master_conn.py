@@ -3,6 +3,8 @@
 USER and PASS run concurrently (replies go out as they finish, as in Dovecot);
 LIST is served inline, so further input waits until the listing is done.
 REQUEST hands a finished login-socket request over to the post-login process.
+[limits] holds them as on auth-client connections: at requests_per_connection the
+connection is not read, beyond requests_total a request gets FAIL (LIST DONE fail) at once.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import pwd
 import socket
 import stat
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
 from authd.auth_request import AuthRequest, UsernameError
+from authd.client_conn import HANGUP_CHECK_SECS, RECEIVE_SIZE, hung_up
 from authd.login_request import LoginRequestArgs
 from authd.outbox import Outbox
 from authd.proxy import drop_proxy_fields, proxy_finish
@@ -90,6 +94,9 @@ class MasterConnection:
         # Only userdb sockets are checked; a master socket's mode is all there is.
         self.restricted_uid = restricted_uid(path, self.creds) if userdb_only else None
         self._outbox = Outbox(stream, self.proto.data_to_send)
+        #: USER/PASS/REQUEST lookups running as tasks, and the reader waiting for one to end at the cap.
+        self._steps = 0
+        self._room = trio.lowlevel.ParkingLot()
 
     async def run(self) -> None:
         self.proto.initiate()
@@ -115,44 +122,99 @@ class MasterConnection:
                 await self._outbox.throttle()  # a peer that does not read is not read from
                 if self._outbox.broken:
                     return  # it stopped reading for good
-                data = await self.stream.receive_some(65536)
+                data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:
                 return
-            try:
-                events = self.proto.receive_data(data)
-            except PeerError as exc:
-                log.error("master.protocol_error", message=str(exc), listener=self.where)
-                return
-            for event in events:
-                await self._handle(event, nursery)
+            self.proto.feed(data)
+            while True:
+                if self._steps >= self._cap() and not await self._wait_for_room():
+                    return  # the peer hung up while it had to wait
+                try:
+                    events = self.proto.next_events()
+                except PeerError as exc:
+                    log.error("master.protocol_error", message=str(exc), listener=self.where)
+                    return
+                if events is None:
+                    break
+                for event in events:
+                    await self._handle(event, nursery)
+                if self._outbox.broken:
+                    return
             self._outbox.wake()
+
+    def _cap(self) -> int:
+        return self.server.config.limits.requests_per_connection
+
+    async def _wait_for_room(self) -> bool:
+        """At the cap the next line waits (and with it the socket, like a TCP window) until a
+        lookup ends. False if the peer hung up meanwhile."""
+        self._outbox.wake()  # what was answered at once goes out meanwhile
+        while self._steps >= self._cap():
+            with trio.move_on_after(HANGUP_CHECK_SECS):
+                await self._room.park()
+            if self._outbox.broken or hung_up(self.stream):
+                return False
+        return True
+
+    def _admit(self) -> bool:
+        """Take a place in the process's [limits] requests_total; False (counted and logged
+        as auth.queue_full) if there is none."""
+        in_flight = self.server.in_flight
+        limit = self.server.config.limits.requests_total
+        if in_flight.count >= limit:
+            in_flight.refused(limit)
+            return False
+        in_flight.count += 1
+        return True
+
+    def _spawn(
+        self, nursery: trio.Nursery, request_id: int, handler: Callable[[Any], Awaitable[None]], arg: Any
+    ) -> None:
+        """Run a lookup as a task, or answer Dovecot's internal-failure FAIL at once if the
+        process has requests_total requests in flight."""
+        if not self._admit():
+            self.proto.failed(request_id)
+            return
+        self._steps += 1
+        nursery.start_soon(self._guarded, request_id, handler, arg)
 
     async def _handle(self, event: MasterEvent, nursery: trio.Nursery) -> None:
         # User name checks answer at once, in order, as Dovecot does; lookups run as tasks.
         if isinstance(event, UserLookup):
             req = self._prepare(event, userdb=True)
             if req is not None:
-                nursery.start_soon(self._guarded, event.request_id, self._user, req)
+                self._spawn(nursery, event.request_id, self._user, req)
         elif isinstance(event, PassLookup):
             req = self._prepare(event, userdb=False)
             if req is not None:
-                nursery.start_soon(self._guarded, event.request_id, self._pass, req)
+                self._spawn(nursery, event.request_id, self._pass, req)
         elif isinstance(event, LoginRequest):
-            nursery.start_soon(self._guarded, event.request_id, self._login_request, event)
+            self._spawn(nursery, event.request_id, self._login_request, event)
         elif isinstance(event, ListUsers):
-            await self._list(event)
+            if not self._admit():
+                self.proto.list_done(event.request_id, failed=True)
+                return
+            try:
+                await self._list(event)
+            finally:
+                self.server.in_flight.count -= 1
         elif isinstance(event, CacheFlush):
             count = await self.server.cache_flush(event.users)
             self.proto.cache_flushed(event.request_id, count)
 
-    async def _guarded(self, request_id: int, handler, event) -> None:  # type: ignore[no-untyped-def]
+    async def _guarded(self, request_id: int, handler: Callable[[Any], Awaitable[None]], event: Any) -> None:
         try:
             await handler(event)
         except Exception:
             log.exception("master.internal_error", request_id=request_id)
             self.proto.failed(request_id)
+        finally:
+            self._steps -= 1
+            self.server.in_flight.count -= 1
+            if self._room:
+                self._room.unpark_all()
         self._outbox.wake()
 
     # --- USER -----------------------------------------------------------------------
@@ -263,7 +325,11 @@ class MasterConnection:
             failed = failed or result.failed
             for user in result.users:
                 self.proto.list_user(event.request_id, user)
-            self._outbox.wake()
+                # Dovecot's MAX_OUTBUF_SIZE: the listing goes on as the peer reads it
+                self._outbox.wake()
+                await self._outbox.throttle()
+                if self._outbox.broken:
+                    return  # it is gone: no DONE
         self.proto.list_done(event.request_id, failed=failed)
 
     # --- REQUEST ----------------------------------------------------------------------

@@ -97,15 +97,29 @@ class AuthMasterServer:
 
     def receive_data(self, data: bytes) -> list[MasterEvent]:
         """Consume bytes. Raises PeerError where Dovecot drops the connection."""
+        self.feed(data)
+        events: list[MasterEvent] = []
+        while (line_events := self.next_events()) is not None:
+            events.extend(line_events)
+        return events
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Buffer bytes from the peer; `next_events()` then parses them line by line."""
         if not self._initiated:
             raise UsageError("call initiate() before receive_data()")
         self._lines.feed(data)
-        events: list[MasterEvent] = []
-        while (line := self._lines.next_line()) is not None:
-            event = self._handle_line(line)
-            if event is not None:
-                events.append(event)
-        return events
+
+    def next_events(self) -> list[MasterEvent] | None:
+        """The event of the next complete line (or none), or None if no line is complete.
+
+        Raises PeerError where Dovecot drops the connection. A caller that stops asking
+        stops the parsing, so it can hold a peer's pipelined lines where they are.
+        """
+        line = self._lines.next_line()
+        if line is None:
+            return None
+        event = self._handle_line(line)
+        return [] if event is None else [event]
 
     def _handle_line(self, line: bytes) -> MasterEvent | None:
         if not self._version_received:

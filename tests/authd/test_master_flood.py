@@ -1,0 +1,204 @@
+"""USER/PASS/LIST floods on auth-userdb connections while the userdb's HTTP backend hangs: bounds hold.
+
+authd stops reading an auth-master connection at its [limits] requests_per_connection, answers
+Dovecot's bare FAIL (DONE fail for LIST) at once beyond requests_total, and throttles a LIST
+whose reader does not read, so memory stays bounded and a fresh connection is still served.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.authd.test_flood import RSS_BOUND_MB, in_flight, rss_mb, scrape, wait_in_flight
+from tests.authd_process import AuthdProcess
+from tests.http_backend import Backend, HttpBackend
+from tests.interop.wire import Wire
+
+#: The flood's userdb lookups go to a backend that hangs; the good user's to one that answers.
+SCRIPT = """\
+local client = dovecot.http.client({max_attempts = 1, request_timeout = 600000})
+
+function auth_userdb_lookup(req)
+  if req.user == "local" then return dovecot.auth.USERDB_RESULT_OK, "uid=1000" end
+  local url = req.user == "good" and "@FAST@" or "@SLOW@"
+  local request = client:request{url = url .. "/remote.php/dav/files/" .. req.user .. "/", method = "PROPFIND"}
+  request:submit()
+  return dovecot.auth.USERDB_RESULT_OK, "uid=1000"
+end
+
+function auth_userdb_iterate()
+  local users = {}
+  for i = 1, @USERS@ do users[i] = string.format("user%06d-", i) .. string.rep("x", 90) end
+  return users
+end
+"""
+
+CONFIG = """\
+[limits]
+requests_per_connection = %d
+requests_total = %d
+[lua]
+call_timeout = 600
+[metrics]
+address = "127.0.0.1"
+port = 0
+[[userdb]]
+driver = "lua"
+file = "userdb.lua"
+blocking = false
+[[listener]]
+type = "userdb"
+path = "auth-userdb"
+"""
+
+FLOOD_LINES = 100_000
+LIST_USERS = 20_000
+
+
+class MasterFlood:
+    """An auth-userdb connection that writes LINES pipelined USERs from a thread until closed."""
+
+    def __init__(self, path: Path, lines: int, first_id: int = 1) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.data = b"VERSION\t1\t0\n" + b"".join(
+            b"USER\t%d\tflood\tservice=lmtp\n" % n for n in range(first_id, first_id + lines)
+        )
+        self.sent_all = False
+        self.thread = threading.Thread(target=self._write, daemon=True)
+
+    def _write(self) -> None:
+        try:
+            self.sock.sendall(self.data)
+            self.sent_all = True
+        except OSError:
+            pass
+
+    def start(self) -> MasterFlood:
+        self.thread.start()
+        return self
+
+    def read_available(self, seconds: float) -> bytes:
+        """What authd answered within SECONDS (greeting included)."""
+        self.sock.settimeout(0.1)
+        data = b""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def backends() -> Iterator[tuple[HttpBackend, HttpBackend]]:
+    with HttpBackend(Backend(delay=600)) as slow, HttpBackend(Backend()) as fast:
+        yield slow, fast
+
+
+def start_authd(
+    tmp_path: Path, backends: tuple[HttpBackend, HttpBackend], per_conn: int = 128, total: int = 4096
+) -> AuthdProcess:
+    slow, fast = backends
+    script = SCRIPT.replace("@SLOW@", slow.url).replace("@FAST@", fast.url).replace("@USERS@", str(LIST_USERS))
+    proc = AuthdProcess(tmp_path, CONFIG % (per_conn, total), {"userdb.lua": script})
+    proc.start(wait_for=("auth-userdb",))
+    return proc
+
+
+def good_user(proc: AuthdProcess) -> tuple[str, float]:
+    with Wire.auth_master(proc.socket("auth-userdb")) as w:
+        start = time.monotonic()
+        w.send("VERSION\t1\t0", "USER\t1\tgood\tservice=lmtp")
+        line = w.read_line()
+        return line, time.monotonic() - start
+
+
+def test_user_flood_is_held_at_the_connection_cap_and_a_fresh_user_is_served(
+    tmp_path: Path, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    proc = start_authd(tmp_path, backends, per_conn=100, total=110)
+    try:
+        flood = MasterFlood(proc.socket("auth-userdb"), FLOOD_LINES).start()
+        # it fills its cap, and stays there: authd stops reading it
+        wait_in_flight(proc, lambda v: v == 100, 20, proc.pid)
+        peak = rss_mb(proc.pid)
+        for _ in range(20):
+            time.sleep(0.1)
+            peak = max(peak, rss_mb(proc.pid))
+            assert peak < RSS_BOUND_MB, f"authd RSS {peak:.0f} MB"
+        assert in_flight(proc) == 100
+        assert not flood.sent_all
+        # 100 of 110 in flight: a fresh USER on a new connection is answered at once
+        line, seconds = good_user(proc)
+        assert line == "USER\t1\tgood\tuid=1000"
+        assert seconds < 1.0
+        assert scrape(proc).get("authd_requests_refused_total") == 0.0
+        assert max(peak, rss_mb(proc.pid)) < RSS_BOUND_MB
+        # the flood's connection ends: its lookups are dropped with it
+        flood.close()
+        wait_in_flight(proc, lambda v: v == 0, 10, proc.pid)
+        line, _ = good_user(proc)
+        assert line == "USER\t1\tgood\tuid=1000"
+    finally:
+        proc.stop()
+
+
+def test_beyond_the_total_limit_user_pass_and_list_fail_at_once(
+    tmp_path: Path, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    proc = start_authd(tmp_path, backends, per_conn=100, total=150)
+    try:
+        first = MasterFlood(proc.socket("auth-userdb"), 100).start()
+        wait_in_flight(proc, lambda v: v == 100, 20, proc.pid)
+        second = MasterFlood(proc.socket("auth-userdb"), 80, first_id=1001)
+        second.data += b"PASS\t2001\tflood\tservice=lmtp\nLIST\t2002\n"
+        got = second.start().read_available(2.0)
+        replies = [line for line in got.split(b"\n") if line and not line.startswith((b"VERSION", b"SPID"))]
+        # 50 more fit under requests_total; the rest get Dovecot's internal-failure replies at once, in order
+        assert replies == [b"FAIL\t%d" % n for n in range(1051, 1081)] + [b"FAIL\t2001", b"DONE\t2002\tfail"]
+        assert in_flight(proc) == 150
+        assert scrape(proc)["authd_requests_refused_total"] == 32.0
+        refusals = [e for e in proc.log_events() if e.get("event") == "auth.queue_full"]
+        assert len(refusals) == 1  # logged once per interval, not per request
+        assert refusals[0]["level"] == "warning"
+        assert refusals[0]["limit"] == 150
+        first.close()
+        second.close()
+        wait_in_flight(proc, lambda v: v == 0, 10, proc.pid)
+    finally:
+        proc.stop()
+
+
+def test_a_list_nobody_reads_is_throttled(tmp_path: Path, backends: tuple[HttpBackend, HttpBackend]) -> None:
+    proc = start_authd(tmp_path, backends)
+    try:
+        with Wire.auth_master(proc.socket("auth-userdb"), timeout=20) as w:
+            w.send("VERSION\t1\t0", "LIST\t1", "USER\t2\tlocal\tservice=lmtp")
+            # about 2 MB of LIST lines wait for a reader that does not read: authd holds the
+            # listing at the outbox's throttle, so it does not get to the USER behind it
+            time.sleep(2)
+            assert 'authd_userdb_requests_total{command="USER",result="ok"}' not in scrape(proc)
+            assert in_flight(proc) == 1
+            lines = [w.read_line() for _ in range(LIST_USERS + 2)]
+        assert lines[:2] == ["LIST\t1\tuser000001-" + "x" * 90, "LIST\t1\tuser000002-" + "x" * 90]
+        assert lines[LIST_USERS - 1] == f"LIST\t1\tuser{LIST_USERS:06d}-" + "x" * 90
+        assert lines[LIST_USERS:] == ["DONE\t1\t", "USER\t2\tlocal\tuid=1000"]
+        assert in_flight(proc) == 0
+    finally:
+        proc.stop()
