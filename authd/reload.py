@@ -95,12 +95,17 @@ def stamp(path: Path) -> Stamp:
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
 
 
+#: How long an edit must hold still before it is loaded (an editor may write in steps).
+SETTLE_SECS = 0.2
+
+
 class ScriptWatcher:
     """Polls the script files and calls `on_change` once an edit has settled.
 
-    An edit counts once the files look the same on two polls in a row, so an editor
-    that writes in steps triggers one reload, not one per step. Atomic renames change
-    the inode and are seen like in-place writes.
+    A poll that sees an edit looks again after SETTLE_SECS, and again, until the files
+    stop changing: an editor that writes in steps triggers one reload, not one per step,
+    and an edit is live at most `interval` + SETTLE_SECS after it is written (plus the
+    load). Atomic renames change the inode and are seen like in-place writes.
     """
 
     def __init__(
@@ -126,12 +131,13 @@ class ScriptWatcher:
     async def run(self) -> None:
         if not self.seen:  # normally taken before the scripts were loaded
             self.reset()
-        previous = self.seen
         while True:
             await trio.sleep(self.interval)
             current = self.snapshot()
-            if current != self.seen and current == previous:
-                changed = [path for path, value in current.items() if self.seen.get(path) != value]
-                self.seen = current
-                await self.on_change(changed)
-            previous = current
+            while current != self.seen:
+                await trio.sleep(min(SETTLE_SECS, self.interval))
+                settled, current = current, self.snapshot()
+                if current == settled:
+                    changed = [path for path, value in current.items() if self.seen.get(path) != value]
+                    self.seen = current
+                    await self.on_change(changed)
