@@ -98,7 +98,6 @@ local function watch_function(lib, name, what)
   end
 end
 watch_function(io, "read", "io.read")
-watch_function(os, "execute", "os.execute")
 
 -- C modules that only compute: their functions stay in the event loop.
 local NON_BLOCKING_C_MODULES = {
@@ -289,6 +288,34 @@ local function c_string(s)
   local nul = find(s, "\0", 1, true)
   return nul and sub(s, 1, nul - 1) or s
 end
+
+-- os.execute runs its command as io.popen does (lua_api/popen.py: /bin/sh with the
+-- configured environment), with stdin and stdout /dev/null as in Dovecot's auth
+-- processes and its stderr logged line by line; it is killed with what it started
+-- once authd has given up on the call. It returns what Debian's Lua returns:
+-- system()'s status on 5.1 and LuaJIT, true or nil, "exit" or "signal" and the code
+-- on 5.3 and 5.4 (lupa's own, not built for POSIX, would say "exit" and the status).
+if os and type(rawget(os, "execute")) == "function" and host.run_command then
+  local run_command = host.run_command
+  local lua51 = _VERSION == "Lua 5.1"
+  local raw_status = lua51 and rawget(table, "pack") == nil  -- LuaJIT with 5.2 compat has it
+  os.execute = function(...)
+    local command = ...
+    if command == nil then  -- luaL_optstring: none or nil asks whether there is a shell
+      if raw_status then return 1 end
+      return true
+    end
+    local t = type(command)
+    if t ~= "string" and t ~= "number" then  -- as the C function raises it (watch_function adds where)
+      error(format("bad argument #1 to 'execute' (string expected, got %s)", lua51 and t or type_name(command)), 0)
+    end
+    local kind, code = run_command(c_string(tostring(command)))
+    if raw_status then return kind == "exit" and code * 256 or code end
+    if kind == "exit" and code == 0 then return true, kind, code end
+    return nil, kind, code
+  end
+end
+watch_function(os, "execute", "os.execute")
 
 ---------------------------------------------------------------------------
 -- dovecot table: functions live in the metatable, sub-tables are raw fields.

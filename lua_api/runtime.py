@@ -36,7 +36,7 @@ import structlog
 import trio
 
 from lua_api import library
-from lua_api.popen import run_shell
+from lua_api.popen import run_command, run_shell
 from lua_api.request import LuaRequest
 from lua_api.request_vars import LUA_FIELDS_23, VARS_24
 from lua_api.threads import GAVE_UP, STILL_RUNNING, ThreadRunner
@@ -167,6 +167,10 @@ HOOK_COUNT = 100_000
 #: after this is stuck in C (a blocking socket read, os.execute, a __gc finalizer).
 STUCK_GRACE = 1.0
 
+#: How long after that an os.execute command still runs before it is killed, with what
+#: it started: the state it blocks is given up by then, its thread is freed.
+EXECUTE_KILL_AFTER = 1.0
+
 log = structlog.get_logger("lua_api")
 
 
@@ -210,6 +214,7 @@ class LuaState:
                 b"run_in_threads": self._run_in_threads,
                 b"log_output": options.log_script_output,
                 b"script_output": self._script_output,
+                b"run_command": self._run_command,
                 b"request_var": LuaRequest.lua_var,
                 b"request_field": LuaRequest.field,
                 b"request_var_names": self.lua.table_from(list(VARS_24 if options.dialect == "2.4" else LUA_FIELDS_23)),
@@ -323,6 +328,14 @@ class LuaState:
         for line in done.stderr_lines:
             log.error("lua.popen_stderr", script=self.name, line=line)
         return done.stdout, done.kind, done.code
+
+    def _run_command(self, command: bytes) -> tuple[bytes, int]:
+        """os.execute: how COMMAND ended ("exit" or "signal", the code); its stderr is logged."""
+        limit = self.options.call_timeout
+        done = run_command(command, self.options.environment, limit + STUCK_GRACE + EXECUTE_KILL_AFTER if limit else 0)
+        for line in done.stderr_lines:
+            log.error("lua.execute_stderr", script=self.name, line=line)
+        return done.kind, done.code
 
     def _script_output(self, stream: bytes, text: bytes) -> None:
         """print/io.write output with [lua] log_script_output on: one debug event per line."""
