@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from .dovecot import AuthCommand, DovecotImap, ExternalSockets, ReferenceDovecot, builds_used, db_block, mail_ids
+from .dovecot import (
+    AuthCommand,
+    DovecotImap,
+    ExternalSockets,
+    ReferenceDovecot,
+    builds_used,
+    db_block,
+    host_build,
+    mail_ids,
+)
 from .postfix import ThrowawayPostfix
 from .procs import live_logs, make_workdir, running, subdir
 
@@ -122,11 +131,13 @@ def imap_route_a(interop_dir: Path, ref_dovecot: ReferenceDovecot) -> Iterator[D
 @pytest.fixture(scope="module")
 def imap_route_b(interop_dir: Path, ref_dovecot: ReferenceDovecot) -> Iterator[DovecotImap]:
     # The relay cannot carry REQUEST (session_pid vs peer credentials), so imap keeps asking the
-    # reference's master socket directly; everything else goes through the route-B service.
+    # reference's master socket directly; everything else goes through the route-B service. The
+    # host's Dovecot: its master runs this host's Python.
     imap = DovecotImap(
         subdir(interop_dir, "imap-b"),
         AuthCommand(f"{sys.executable} {RELAY_AUTH} {ref_dovecot.base_dir}"),
         extra_config=f"service imap {{\n  executable = imap -a {ref_dovecot.socket('auth-master')}\n}}\n",
+        build=host_build(),
     )
     with running("imap route B", imap):
         yield imap

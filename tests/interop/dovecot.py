@@ -96,18 +96,26 @@ class DovecotBuild:
         """COMMAND (absolute paths of this build) as the host runs it; it execs, so the PID stays."""
         if self.root is None:
             return command
-        script = 'mount --bind /tmp "$0/tmp" && mount -t proc proc "$0/proc" && exec chroot "$0" "$@"'
+        # The host's passwd/group too: dovecot, dovenull, nobody get the host's uids (the chroot's
+        # own differ), so socket owners and peer credentials mean the same on both sides.
+        script = (
+            'mount --bind /tmp "$0/tmp" && mount -t proc proc "$0/proc" && mount --bind /etc/passwd "$0/etc/passwd"'
+            ' && mount --bind /etc/group "$0/etc/group" && exec chroot "$0" "$@"'
+        )
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(self.root), *command]
 
     def has_user(self, name: str) -> bool:
-        if self.root is None:
-            try:
-                pwd.getpwnam(name)
-            except KeyError:
-                return False
-            return True
-        passwd = (self.root / "etc" / "passwd").read_text()
-        return any(line.split(":", 1)[0] == name for line in passwd.splitlines())
+        """Whether NAME exists for this build's processes (a chroot sees the host's users)."""
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            return False
+        return True
+
+    @property
+    def empty_config(self) -> list[str]:
+        """doveadm/doveconf arguments for "no config file": 2.4 refuses `-c /dev/null` (no storage version)."""
+        return ["-O"] if self.dialect == "2.4" else ["-c", os.devnull]
 
 
 @functools.cache
@@ -514,7 +522,7 @@ def doveadm(
     """Run `doveadm -c CONF ARGS...`; CONF None means an empty config (all defaults: `-O` on 2.4,
     which refuses an empty file without dovecot_storage_version)."""
     build = _build(build)
-    config = ["-c", str(conf)] if conf is not None else ["-O"] if build.dialect == "2.4" else ["-c", os.devnull]
+    config = ["-c", str(conf)] if conf is not None else build.empty_config
     return subprocess.run(
         _used(build).argv([DOVEADM, *config, *args]),
         capture_output=True,

@@ -1,10 +1,11 @@
 """Route-B stand-in: a foreign "auth service" that relays Dovecot's auth listeners elsewhere.
 
 Dovecot's master runs it as `service auth { executable = PYTHON relay_auth.py TARGET_DIR }`
-(see dovecot.AuthCommand) and hands it the already-listening auth sockets as fds 7.., with
-SOCKET_COUNT and SOCKETn_SETTINGS (the listener names) in the environment. Each accepted
-connection is relayed byte for byte to TARGET_DIR/auth-{login,master,userdb,client}, chosen by
-Dovecot 2.3's listener-name suffix rule. It exists to validate the route-B configuration
+(see dovecot.AuthCommand) and hands it the already-listening auth sockets as fds 7.. (2.4: 8..),
+with SOCKET_COUNT and SOCKETn_SETTINGS (the listener names; 2.4 adds `<TAB>type=...`) in the
+environment. Each accepted connection is relayed byte for byte to
+TARGET_DIR/auth-{login,master,userdb,client}, chosen by the listener's type (2.4) or Dovecot
+2.3's listener-name suffix rule. It exists to validate the route-B configuration
 before authd can take inherited fds itself.
 
 One limit: a relay on the master socket breaks the REQUEST of a real IMAP login, because
@@ -28,9 +29,10 @@ import threading
 from pathlib import Path
 
 MASTER_DEAD_FD = 6
-FIRST_LISTENER_FD = 7
+FIRST_LISTENER_FD = 7  # Dovecot 2.3; 2.4 passes its config fd there and listeners from 8
 LOG_INFO = b"\x01\x02"  # 0x01, then log type + 1 (info = 1)
 TARGETS = {"login": "auth-login", "master": "auth-master", "userdb": "auth-userdb"}
+TYPES_24 = {"auth": "auth-client", **TARGETS}  # token-login: not relayed
 
 
 def log_info(text: str) -> None:
@@ -43,6 +45,14 @@ def target_for(listener_path: str) -> str | None:
     if kind in ("token", "tokenlogin"):
         return None
     return TARGETS.get(kind, "auth-client")
+
+
+def target_for_settings(settings: str, listener_path: str) -> str | None:
+    """2.4's `NAME<TAB>type=TYPE` settings, else the 2.3 rule on the path."""
+    for field in settings.split("\t")[1:]:
+        if field.startswith("type="):
+            return TYPES_24.get(field.removeprefix("type="))
+    return target_for(listener_path)
 
 
 def pump(src: socket.socket, dst: socket.socket) -> None:
@@ -73,12 +83,13 @@ def serve(listener: socket.socket, target: Path) -> None:
 
 def main() -> None:
     target_dir = Path(sys.argv[1])
+    first = FIRST_LISTENER_FD if os.environ.get("DOVECOT_VERSION", "2.3").startswith(("2.2.", "2.3.")) else 8
     for index in range(int(os.environ["SOCKET_COUNT"])):
-        listener = socket.socket(fileno=FIRST_LISTENER_FD + index)
+        listener = socket.socket(fileno=first + index)
         listener.setblocking(True)
         name = os.environ.get(f"SOCKET{index}_SETTINGS", "")
-        target = target_for(listener.getsockname())
-        log_info(f"relay_auth: fd {FIRST_LISTENER_FD + index} {name} {listener.getsockname()} -> {target}")
+        target = target_for_settings(name, listener.getsockname())
+        log_info(f"relay_auth: fd {first + index} {name} {listener.getsockname()} -> {target}")
         if target is not None:
             threading.Thread(target=serve, args=(listener, target_dir / target), daemon=True).start()
     master_dead = select.poll()

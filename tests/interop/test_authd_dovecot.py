@@ -19,7 +19,16 @@ from scramp import ScramClient
 
 from tests.authd_process import LISTENERS, AuthdProcess
 
-from .dovecot import AuthCommand, DovecotImap, ExternalSockets, doveadm, dovecot_lda, imap_connect, mail_ids
+from .dovecot import (
+    AuthCommand,
+    DovecotImap,
+    ExternalSockets,
+    doveadm,
+    dovecot_lda,
+    host_build,
+    imap_connect,
+    mail_ids,
+)
 from .procs import make_workdir, running, subdir
 
 pytestmark = pytest.mark.requires("dovecot", "doveadm")
@@ -114,7 +123,8 @@ def route_b(workdir: Path) -> Iterator[DovecotImap]:
     # venv's python finds its site-packages only through an absolute path (the shebang's).
     authd_bin = Path(sys.executable).parent / "authd"
     command = AuthCommand(f"{authd_bin} serve --dovecot-service --config {config}")
-    with running("dovecot route B", DovecotImap(subdir(workdir, "imap-b"), command)) as imap:
+    # The host's Dovecot: its master runs this host's authd.
+    with running("dovecot route B", DovecotImap(subdir(workdir, "imap-b"), command, build=host_build())) as imap:
         yield imap
 
 

@@ -242,7 +242,20 @@ def test_route_b_hands_listeners_to_the_command(imap_route_b: DovecotImap) -> No
     done = doveadm(None, "auth", "test", "-a", sock(imap_route_b, "auth-client"), "alice", "alicepass")
     assert done.returncode == 0, done
     log = imap_route_b.log_text()
-    for fd, name in enumerate(["login", "tokenlogin", "auth-login", "auth-client", "auth-userdb", "auth-master"], 7):
+    if imap_route_b.dialect == "2.3":
+        names = ["login", "tokenlogin", "auth-login", "auth-client", "auth-userdb", "auth-master"]
+        first = 7
+    else:  # 2.4: the config fd is 7; every listener says its type
+        names = [
+            "auth-client\ttype=auth",
+            "auth-login\ttype=login",
+            "auth-master\ttype=master",
+            "auth-userdb\ttype=userdb",
+            "login\ttype=login",
+            "tokenlogin\ttype=token-login",
+        ]
+        first = 8
+    for fd, name in enumerate(names, first):
         assert f"relay_auth: fd {fd} {name} " in log
 
 

@@ -23,10 +23,12 @@ from .dovecot import (
     LOGIN_USER,
     MAIL_GROUP,
     MAIL_USER,
+    DovecotBuild,
     DovecotImap,
     ExternalSockets,
     ReferenceDovecot,
     db_block,
+    host_build,
     mail_ids,
 )
 from .procs import make_workdir, running, subdir
@@ -152,11 +154,18 @@ def lmtp_server(workdir: Path, authd: AuthdProcess) -> Iterator[DovecotImap]:
         yield imap
 
 
+def host_build_or_fail() -> DovecotBuild:
+    """The host's doveadm runs as USER below (a chroot's needs root to enter)."""
+    build = host_build()
+    assert build is not None
+    return build
+
+
 def doveadm_as(user: str, group: str, socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """doveadm -c /dev/null ARGS -a SOCKET run as USER:GROUP (no supplementary groups)."""
     command, rest = args[0], args[1:]
     return subprocess.run(
-        [DOVEADM, "-c", "/dev/null", *command.split(), "-a", str(socket), *rest],
+        [DOVEADM, *host_build_or_fail().empty_config, *command.split(), "-a", str(socket), *rest],
         user=user,
         group=group,
         extra_groups=[],
