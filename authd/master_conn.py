@@ -1,10 +1,10 @@
 """One auth-master or auth-userdb connection: USER, PASS, LIST, REQUEST, CACHE-FLUSH.
 
-USER and PASS run concurrently (replies go out as they finish, as in Dovecot);
-LIST is served inline, so further input waits until the listing is done.
-REQUEST hands a finished login-socket request over to the post-login process.
-[limits] holds them as on auth-client connections: at requests_per_connection the
-connection is not read, beyond requests_total a request gets FAIL (LIST DONE fail) at once.
+USER, PASS and LIST run concurrently (replies go out as they finish, as in Dovecot;
+a LIST goes on as its reader reads it). REQUEST hands a finished login-socket request
+over to the post-login process. [limits] holds them as on auth-client connections: at
+requests_per_connection the connection is not read, beyond requests_total a request gets
+FAIL (LIST DONE fail) at once.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ class MasterConnection:
         #: USER/PASS/REQUEST lookups running as tasks, and the reader waiting for one to end at the cap.
         self._steps = 0
         self._room = trio.lowlevel.ParkingLot()
+        #: The reader is done (EOF, protocol error): a LIST stops, as Dovecot's does.
+        self._ended = False
 
     async def run(self) -> None:
         self.proto.initiate()
@@ -106,6 +108,7 @@ class MasterConnection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._outbox.run)
                 await self._read_loop(nursery)
+                self._ended = True
                 await self._outbox.drain()
                 nursery.cancel_scope.cancel()
         except Exception:
@@ -170,15 +173,21 @@ class MasterConnection:
         return True
 
     def _spawn(
-        self, nursery: trio.Nursery, request_id: int, handler: Callable[[Any], Awaitable[None]], arg: Any
+        self,
+        nursery: trio.Nursery,
+        request_id: int,
+        handler: Callable[[Any], Awaitable[None]],
+        arg: Any,
+        fail: Callable[[int], None] | None = None,
     ) -> None:
-        """Run a lookup as a task, or answer Dovecot's internal-failure FAIL at once if the
-        process has requests_total requests in flight."""
+        """Run a lookup as a task, or answer Dovecot's internal-failure reply (`fail`, by
+        default a bare FAIL) at once if the process has requests_total requests in flight."""
+        fail = fail or self.proto.failed
         if not self._admit():
-            self.proto.failed(request_id)
+            fail(request_id)
             return
         self._steps += 1
-        nursery.start_soon(self._guarded, request_id, handler, arg)
+        nursery.start_soon(self._guarded, request_id, handler, arg, fail)
 
     async def _handle(self, event: MasterEvent, nursery: trio.Nursery) -> None:
         # User name checks answer at once, in order, as Dovecot does; lookups run as tasks.
@@ -193,23 +202,19 @@ class MasterConnection:
         elif isinstance(event, LoginRequest):
             self._spawn(nursery, event.request_id, self._login_request, event)
         elif isinstance(event, ListUsers):
-            if not self._admit():
-                self.proto.list_done(event.request_id, failed=True)
-                return
-            try:
-                await self._list(event)
-            finally:
-                self.server.in_flight.count -= 1
+            self._spawn(nursery, event.request_id, self._list, event, self._list_failed)
         elif isinstance(event, CacheFlush):
             count = await self.server.cache_flush(event.users)
             self.proto.cache_flushed(event.request_id, count)
 
-    async def _guarded(self, request_id: int, handler: Callable[[Any], Awaitable[None]], event: Any) -> None:
+    async def _guarded(
+        self, request_id: int, handler: Callable[[Any], Awaitable[None]], event: Any, fail: Callable[[int], None]
+    ) -> None:
         try:
             await handler(event)
         except Exception:
             log.exception("master.internal_error", request_id=request_id)
-            self.proto.failed(request_id)
+            fail(request_id)
         finally:
             self._steps -= 1
             self.server.in_flight.count -= 1
@@ -305,6 +310,9 @@ class MasterConnection:
 
     # --- LIST -----------------------------------------------------------------------
 
+    def _list_failed(self, request_id: int) -> None:
+        self.proto.list_done(request_id, failed=True)
+
     async def _list(self, event: ListUsers) -> None:
         if self.restricted_uid is not None:
             log.error(
@@ -328,8 +336,8 @@ class MasterConnection:
                 # Dovecot's MAX_OUTBUF_SIZE: the listing goes on as the peer reads it
                 self._outbox.wake()
                 await self._outbox.throttle()
-                if self._outbox.broken:
-                    return  # it is gone: no DONE
+                if self._outbox.broken or self._ended:
+                    return  # the peer is gone: no DONE
         self.proto.list_done(event.request_id, failed=failed)
 
     # --- REQUEST ----------------------------------------------------------------------
