@@ -333,6 +333,9 @@ class ClientConnection:
         # arriving meanwhile is an "Unexpected continuation".
         ident = self.server.penalty.ident(req.remote_ip, no_penalty=req.no_penalty)
         if ident is not None:
+            if self.server.penalty.shared:  # [state] redis: ask the shared penalty first, as Dovecot asks anvil
+                self._spawn(req.id, self._begin_after_penalty, req, queue=True)
+                return
             req.last_penalty = self.server.penalty.lookup(ident)
             if req.last_penalty:
                 self.server.metrics.penalty_waits.inc()
@@ -341,7 +344,14 @@ class ClientConnection:
         self.dispatch(self.proto.begin(req.id))
 
     async def _begin_after_penalty(self, req: AuthRequest) -> None:
-        await trio.sleep(penalty_to_secs(req.last_penalty))
+        penalty = self.server.penalty
+        if penalty.shared:
+            ident = penalty.ident(req.remote_ip, no_penalty=req.no_penalty)
+            req.last_penalty = await penalty.decide(ident) if ident is not None else 0
+            if req.last_penalty:
+                self.server.metrics.penalty_waits.inc()
+        if req.last_penalty:
+            await trio.sleep(penalty_to_secs(req.last_penalty))
         if self._current(req):
             self.dispatch(self.proto.begin(req.id))
 

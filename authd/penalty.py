@@ -15,6 +15,10 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from authd.state import StateBackend
 
 INIT_SECS = 2
 MAX_SECS = 15
@@ -53,6 +57,21 @@ class PenaltyTracker:
         self._records: OrderedDict[str, _Record] = OrderedDict()
         #: Told of every local update (ident, value, checksum), to share it with the other processes.
         self.on_update: Callable[[str, int, int], None] | None = None
+        #: [state] redis: the penalties every authd instance shares (this table still
+        #: takes every update, and answers when the backend does not in time).
+        self.backend: StateBackend | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.backend is not None and self.backend.shared
+
+    async def decide(self, ident: str) -> int:
+        """The penalty a request waits for: the shared one, else (or past its budget) ours."""
+        if self.backend is not None:
+            penalty = await self.backend.penalty_lookup(ident)
+            if penalty is not None:
+                return penalty
+        return self.lookup(ident)
 
     def configure(self, trusted_networks: Sequence[str], *, enabled: bool) -> None:
         """Apply [auth] penalty and trusted_networks (at start and on reload; records stay)."""
@@ -99,6 +118,8 @@ class PenaltyTracker:
         """PENALTY-INC: set a new penalty (0 resets); the same user+password does not escalate."""
         checksum = 0 if value == 0 or password is None else zlib.crc32(user, zlib.crc32(password))
         self.apply(ident, value, checksum)
+        if self.backend is not None:
+            self.backend.penalty_update(ident, value, checksum)
         if self.on_update is not None:
             self.on_update(ident, value, checksum)
 

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ from authd.metrics import Metrics, merge_pages, serve_metrics
 from authd.passdb import PassdbChain
 from authd.penalty import PenaltyTracker
 from authd.reload import Generation, ScriptWatcher, script_files
+from authd.state import open_backend
 from authd.userdb import UserdbChain
 from authd.workers import SHARED_TYPES, Hooks, WorkerPool, worker_command
 from config import ConfigError, load_config
@@ -124,6 +126,11 @@ class Server:
         self.penalty = PenaltyTracker(config.auth.trusted_networks, enabled=config.auth.penalty)
         if self.workers is not None:
             self.penalty.on_update = self._share_penalty
+        #: [state]: penalties and cache flushes shared with other authd instances (or not).
+        origin = f"{socket.gethostname()}:{self.spid}"
+        self.state = open_backend(config.state, self._flush_from_peer, origin, self.metrics.registry)
+        if self.state.shared:
+            self.penalty.backend = self.state
         self.limiter = trio.CapacityLimiter(config.lua.workers)
         self.cache = _new_cache(config.cache)
         self.metrics.watch_cache(self._cache_stats)
@@ -279,7 +286,13 @@ class Server:
         if self.workers is not None:
             counts = await self.workers.ask({"op": "cache-flush", "users": [u.decode("latin-1") for u in users]})
             count += sum(counts)
+        if self.state.shared and not await self.state.publish_flush(users):
+            log.error("cache.flush_not_shared", message="other authd instances were not told of this flush")
         return count
+
+    def _flush_from_peer(self, users: tuple[bytes, ...]) -> None:
+        """Another authd instance flushed (or our subscription to flushes began again)."""
+        self.flush_local_cache(users)
 
     def flush_local_cache(self, users: tuple[bytes, ...]) -> int:
         """This process's part of CACHE-FLUSH."""
@@ -333,6 +346,7 @@ class Server:
             self.listeners = self._open_listeners()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self.state.run)
                 nursery.start_soon(self.failure_delay.serve)
                 nursery.start_soon(self._expire_requests)
                 nursery.start_soon(systemd.watchdog)

@@ -27,6 +27,7 @@ from config.schema import (
     PASSDB_DRIVERS,
     PASSDB_SKIPS,
     RULES,
+    STATE_BACKENDS,
     USERDB_DRIVERS,
     USERDB_SKIPS,
     AuthSettings,
@@ -40,6 +41,7 @@ from config.schema import (
     PassdbSettings,
     ReloadSettings,
     ServerSettings,
+    StateSettings,
     UserdbSettings,
 )
 
@@ -378,6 +380,44 @@ def _limits(t: _Table) -> LimitsSettings:
     return LimitsSettings(requests_per_connection=per_connection, requests_total=total)
 
 
+def _host_ports(t: _Table, key: str) -> tuple[str, ...]:
+    """A list of "host:port" strings (Sentinels, Cluster seed nodes)."""
+    nodes = t.strings(key, ())
+    for node in nodes:
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise t.error(key, f'expected "host:port" items, got {node!r}')
+    return nodes
+
+
+def _state(t: _Table) -> StateSettings:
+    defaults = StateSettings()
+    settings = StateSettings(
+        backend=t.choice("backend", STATE_BACKENDS, defaults.backend),
+        url=t.string("url", defaults.url),
+        sentinels=_host_ports(t, "sentinels"),
+        master_name=t.string("master_name", defaults.master_name),
+        cluster=_host_ports(t, "cluster"),
+        username=t.string("username", defaults.username),
+        password=t.string("password", defaults.password),
+        tls=t.boolean("tls", defaults.tls),
+        tls_ca_file=t.string("tls_ca_file", defaults.tls_ca_file),
+        key_prefix=t.string("key_prefix", defaults.key_prefix),
+        timeout=t.number("timeout", defaults.timeout, minimum=0.0001),
+        log_interval=t.number("log_interval", defaults.log_interval, minimum=0),
+    )
+    t.finish()
+    if settings.backend == "redis":
+        given = [key for key in ("url", "sentinels", "cluster") if getattr(settings, key)]
+        if len(given) != 1:
+            raise t.error("url", "the redis backend needs exactly one of url, sentinels or cluster")
+        if settings.url and not settings.url.startswith(("redis://", "rediss://", "unix://")):
+            raise t.error("url", f"expected redis://HOST:PORT/DB, rediss://... or unix://PATH, got {settings.url!r}")
+        if settings.sentinels and not settings.master_name:
+            raise t.error("master_name", "sentinels need the master_name they watch")
+    return settings
+
+
 def _relative(base: Path | None, path: Path | None) -> Path | None:
     if path is None or base is None or path.is_absolute():
         return path
@@ -401,6 +441,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None, *, require
         log=_log(section("log")),
         server=_server(section("server")),
         limits=_limits(section("limits")),
+        state=_state(section("state")),
     )
     root.finish()
     _check_passdbs(config.passdbs, root.source)

@@ -200,6 +200,34 @@ class LimitsSettings:
     requests_total: int = 4096
 
 
+STATE_BACKENDS = ("memory", "redis")
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """Where the penalty counters and cache flushes live: this process ("memory") or a
+    Redis/Valkey server shared by every authd instance ("redis")."""
+
+    backend: str = "memory"
+    #: One server: redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path.
+    url: str = ""
+    #: Sentinels ("host:port") and the name of the master they watch, instead of url.
+    sentinels: tuple[str, ...] = ()
+    master_name: str = ""
+    #: Cluster seed nodes ("host:port"), instead of url.
+    cluster: tuple[str, ...] = ()
+    #: ACL user and password (they override the url's).
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    tls_ca_file: str = ""
+    key_prefix: str = "authd:"
+    #: Seconds one decision may wait for Redis before local state answers.
+    timeout: float = 0.005
+    #: Seconds between log lines about Redis being unavailable (each fallback is counted).
+    log_interval: float = 60.0
+
+
 @dataclass(frozen=True)
 class LogSettings:
     format: str = "console"
@@ -220,3 +248,4 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    state: StateSettings = field(default_factory=StateSettings)
