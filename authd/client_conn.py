@@ -23,7 +23,7 @@ from authd.outbox import Outbox
 from authd.penalty import penalty_to_secs
 from authd.proxy import drop_proxy_fields, proxy_finish, wants_proxy
 from lua_api.results import PassdbResult
-from protocol.client import AuthClientServer, HandshakeSettings, TakenRequest
+from protocol.client import AuthClientServer, HandshakeSettings, RequestState, RequestTimedOut, TakenRequest
 from protocol.errors import PeerError
 from protocol.events import (
     AnonymousLoggedIn,
@@ -68,7 +68,25 @@ class InFlight:
         self._refused = metrics.requests_refused
         self._unlogged = 0
         self._logged_at: float | None = None
+        self._full_unlogged = 0
+        self._full_logged_at: float | None = None
         metrics.requests_in_flight.set_function(lambda: self.count)
+
+    def connection_full(self, limit: int) -> None:
+        """An AUTH refused at [limits] open_requests_per_connection: logged as
+        `auth.connection_full` once per QUEUE_FULL_LOG_SECS, with the refusals since."""
+        self._full_unlogged += 1
+        now = time.monotonic()
+        if self._full_logged_at is None or now - self._full_logged_at >= QUEUE_FULL_LOG_SECS:
+            log.warning(
+                "auth.connection_full",
+                message=f"{limit} requests open on one connection: new ones get temp_fail "
+                "([limits] open_requests_per_connection)",
+                limit=limit,
+                refused=self._full_unlogged,
+            )
+            self._full_logged_at = now
+            self._full_unlogged = 0
 
     def refused(self, limit: int) -> None:
         self._refused.inc()
@@ -118,6 +136,8 @@ class ClientConnection:
                 wait_for_client_version=handshake == "2.4",
             ),
             login=login,
+            clock=trio.current_time,
+            request_timeout=server.config.limits.request_timeout,
         )
         self.requests: dict[int, AuthRequest] = {}
         self._outbox = Outbox(stream, self.proto.data_to_send)
@@ -143,6 +163,7 @@ class ClientConnection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._outbox.run)
+                nursery.start_soon(self._expire)
                 await self._read_loop()
                 await self._outbox.drain()
                 nursery.cancel_scope.cancel()
@@ -198,6 +219,16 @@ class ClientConnection:
 
     def _hung_up(self) -> bool:
         return hung_up(self.stream)
+
+    async def _expire(self) -> None:
+        """Dovecot's per-request timeout: wake when the oldest request is due (a request
+        that does not exist yet is due a whole timeout from now at the earliest)."""
+        while True:
+            due = self.proto.next_expiry()
+            await trio.sleep_until(due if due is not None else trio.current_time() + self.proto.request_timeout)
+            events = self.proto.expire()
+            if events:
+                self.dispatch(events)
 
     async def send_line(self, line: bytes) -> None:
         """Send a reply produced outside the protocol's queue (delayed FAILs)."""
@@ -257,8 +288,22 @@ class ClientConnection:
                     **req.log_context(),
                 )
                 self._fail(req)
+        elif isinstance(event, RequestTimedOut):
+            self._timed_out(event)
         elif isinstance(event, RequestDropped):
             self.requests.pop(event.request_id, None)
+
+    def _timed_out(self, event: RequestTimedOut) -> None:
+        """auth_request_timeout: the request is gone, nothing is sent; Dovecot's log line."""
+        req = self.requests.pop(event.request_id, None)
+        context = {"mech": _text(req.mech), **req.log_context()} if req is not None else {}
+        if event.state is RequestState.MECH_CONTINUE:
+            message = f"Request timed out waiting for client to continue authentication ({event.secs} secs)"
+            log.info("auth.timeout", message=message, **context)
+        else:
+            pid = self.proto.pid if self.login and self.proto.pid else 0  # the handler's client_pid
+            message = f"Request {pid}.{event.request_id} timed out after {event.secs} secs, state={int(event.state)}"
+            log.error("auth.timeout", message=message, **context)
 
     def _spawn(self, request_id: int, step: Callable[[Any], Awaitable[None]], arg: Any, *, queue: bool = False) -> None:
         """Run a request step that waits (passdb call, penalty, delay_until) as a task.
@@ -313,6 +358,13 @@ class ClientConnection:
         return self.requests.get(req.id) is req and not self.closed
 
     def _start(self, event: AuthStarted) -> None:
+        limit = self.server.config.limits.open_requests_per_connection
+        if self.proto.open_requests > limit:  # the new request is one of them
+            line = self.proto.fail(event.request_id, code=b"temp_fail")
+            if line is not None:
+                self._outbox.send(line)
+            self.server.in_flight.connection_full(limit)
+            return
         req = self.server.new_request(event.request_id)
         req.mech = event.mechanism.encode()
         req.client_pid = self.proto.pid if self.login and self.proto.pid else 0

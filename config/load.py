@@ -376,8 +376,21 @@ def _limits(t: _Table) -> LimitsSettings:
     total = t.integer("requests_total", defaults.requests_total, minimum=1)
     if total < per_connection:
         raise t.error("requests_total", f"expected at least requests_per_connection ({per_connection}), got {total}")
+    open_default = max(defaults.open_requests_per_connection, per_connection)
+    open_requests = t.integer("open_requests_per_connection", open_default, minimum=1)
+    if open_requests < per_connection:
+        raise t.error(
+            "open_requests_per_connection",
+            f"expected at least requests_per_connection ({per_connection}), got {open_requests}",
+        )
+    timeout = t.number("request_timeout", defaults.request_timeout, minimum=0.001)
     t.finish()
-    return LimitsSettings(requests_per_connection=per_connection, requests_total=total)
+    return LimitsSettings(
+        requests_per_connection=per_connection,
+        requests_total=total,
+        open_requests_per_connection=open_requests,
+        request_timeout=timeout,
+    )
 
 
 def _host_ports(t: _Table, key: str) -> tuple[str, ...]:

@@ -198,6 +198,11 @@ class LimitsSettings:
     requests_per_connection: int = 128
     #: The same over all connections of a process; a request beyond it gets temp_fail at once.
     requests_total: int = 4096
+    #: Requests one auth-client connection may have open (waiting for the client's CONT, a
+    #: penalty or a passdb call, or kept for REQUEST); an AUTH beyond it gets temp_fail at once.
+    open_requests_per_connection: int = 1024
+    #: Seconds after its AUTH, last CONT or OK when a request is dropped (Dovecot: 150).
+    request_timeout: float = 150.0
 
 
 STATE_BACKENDS = ("memory", "redis")

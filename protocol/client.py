@@ -53,7 +53,8 @@ from protocol.mechanisms.base import (
 
 #: AUTH_CLIENT_MAX_LINE_LENGTH: the input buffer size of Dovecot's auth server.
 MAX_LINE_LENGTH = 16384
-#: MASTER_AUTH_SERVER_TIMEOUT_SECS: a request lives at most this long after AUTH.
+#: MASTER_AUTH_SERVER_TIMEOUT_SECS: a request lives at most this long after AUTH, its last
+#: accepted CONT or its OK (Dovecot's to_abort timer, reset by auth_request_refresh_last_access).
 REQUEST_TIMEOUT_SECS = 3 * 60 - 30
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 2
@@ -70,6 +71,25 @@ def parse_uint(value: bytes) -> int | None:
     return number if number <= _UINT_MAX else None
 
 
+class RequestState(enum.IntEnum):
+    """Dovecot's enum auth_request_state, the number its timeout error names."""
+
+    NEW = 0
+    PASSDB = 1
+    MECH_CONTINUE = 2
+    FINISHED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimedOut(RequestDropped):
+    """The request timed out (nothing is sent, as in Dovecot); a later CONT for it gets
+    "Authentication request timed out". `secs` since its last access, `state` as Dovecot
+    counts it: MECH_CONTINUE means it was waiting for the client."""
+
+    secs: int
+    state: RequestState
+
+
 class _State(enum.Enum):
     NEW = "new"  # AUTH seen, waiting for begin() (the penalty wait)
     CLIENT = "client"  # a challenge was sent; one CONT is accepted
@@ -84,7 +104,7 @@ class _Request:
     mechanism: Mechanism
     params: Params
     initial: bytes | None
-    created: float
+    last_access: float
     state: _State = _State.NEW
     server_final: bytes = b""
     pending_ok: bytes = b""
@@ -122,15 +142,18 @@ class AuthClientServer:
         *,
         login: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        request_timeout: float = REQUEST_TIMEOUT_SECS,
     ) -> None:
         if len(settings.cookie) != 16:
             raise UsageError("the cookie must be 16 bytes")
         self.settings = settings
         self.login = login
         self._clock = clock
+        self.request_timeout = request_timeout
         self._mechanisms = {m.name: m for m in settings.mechanisms}
         self._lines = LineBuffer(MAX_LINE_LENGTH)
         self._out = bytearray()
+        #: In order of last access (refreshing one moves it to the end), so the oldest is first.
         self._requests: dict[int, _Request] = {}
         self._initiated = False
         self.minor_version: int | None = None
@@ -284,6 +307,7 @@ class AuthClientServer:
             decoded = b64decode_strict(data)
         except ValueError:
             return self._fail_now(request, b"Invalid base64 data in continued response", code=b"invalid_base64")
+        self._refresh(request)
         if request.state is _State.FINAL_ACK:
             self._send_ok(request)
             return []
@@ -420,6 +444,7 @@ class AuthClientServer:
             request.state = _State.FINAL_ACK
             self._out += b"CONT\t%d\t%s\n" % (request.id, b64encode(final))
         else:
+            self._refresh(request)
             self._send_ok(request)
         return True
 
@@ -467,16 +492,53 @@ class AuthClientServer:
             return None
         return TakenRequest(request.state is _State.FINISHED, request.keep)
 
+    def _refresh(self, request: _Request) -> None:
+        """auth_request_refresh_last_access: the timeout starts again."""
+        request.last_access = self._clock()
+        self._requests[request.id] = self._requests.pop(request.id)
+
     def expire(self, now: float | None = None) -> list[ClientEvent]:
-        """Drop requests older than Dovecot's 150 s request timeout, silently."""
+        """Drop the requests not accessed for `request_timeout` seconds (150 in Dovecot).
+
+        Nothing is sent; each becomes a RequestTimedOut for the caller to log and forget.
+        """
         now = self._clock() if now is None else now
-        stale = [r for r in self._requests.values() if now - r.created >= REQUEST_TIMEOUT_SECS]
+        stale = []
+        for request in self._requests.values():
+            if now - request.last_access < self.request_timeout:
+                break  # the rest were accessed later
+            stale.append(request)
+        events: list[ClientEvent] = []
         for request in stale:
             del self._requests[request.id]
-        return [RequestDropped(r.id, "timed out") for r in stale]
+            events.append(
+                RequestTimedOut(request.id, "timed out", int(now - request.last_access), _DOVECOT[request.state])
+            )
+        return events
+
+    def next_expiry(self) -> float | None:
+        """When the oldest request times out (on the `clock`), or None without requests."""
+        for request in self._requests.values():
+            return request.last_access + self.request_timeout
+        return None
+
+    @property
+    def open_requests(self) -> int:
+        """Requests in the table: in progress, waiting for the client, or kept for REQUEST."""
+        return len(self._requests)
 
     def request_ids(self) -> Iterable[int]:
         return list(self._requests)
+
+
+#: Where each state of ours is in Dovecot's: waiting for the caller is (mostly) a passdb lookup.
+_DOVECOT = {
+    _State.NEW: RequestState.NEW,
+    _State.CLIENT: RequestState.MECH_CONTINUE,
+    _State.SERVER: RequestState.PASSDB,
+    _State.FINAL_ACK: RequestState.MECH_CONTINUE,
+    _State.FINISHED: RequestState.FINISHED,
+}
 
 
 def _set_field(fields: list[Field], new: Field) -> None:

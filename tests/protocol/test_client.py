@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.client import AuthClientServer, HandshakeSettings
+from protocol.client import AuthClientServer, HandshakeSettings, RequestState, RequestTimedOut
 from protocol.errors import PeerError, UsageError
 from protocol.events import (
     Authenticated,
@@ -331,7 +331,7 @@ def test_requests_expire_after_150_seconds() -> None:
     clock[0] += 149
     assert conn.expire() == []
     clock[0] += 1
-    assert conn.expire() == [RequestDropped(1, "timed out")]
+    assert conn.expire() == [RequestTimedOut(1, "timed out", 150, RequestState.NEW)]
 
 
 def test_misuse_is_a_usage_error() -> None:
