@@ -540,6 +540,8 @@ class Server:
             self._start_watching()
         if config.server != old_config.server:
             log.warning("reload.processes", message="[server] processes takes effect at the next start")
+        if config.state != old_config.state:
+            log.warning("reload.state", message="[state] takes effect at the next start")
         if self.workers is not None:
             self.workers.broadcast({"op": "reload", "reason": reason, "reread": reread_config})
         log.info(

@@ -6,8 +6,10 @@ Also the server going away and coming back under load: answers stay what local s
 from __future__ import annotations
 
 import base64
+import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from authd.tools import cache_flush
 from config import ConfigError, parse_config
 from tests.authd_process import LISTENERS, AuthdProcess
 from tests.interop.wire import Wire
-from tests.state.conftest import RedisServer
+from tests.state.conftest import RedisServer, free_port
 
 SCRIPT = """\
 function auth_passdb_lookup(req)
@@ -55,8 +57,14 @@ def test_state_section() -> None:
         parse_config({"state": {"backend": "etcd"}}, require_listeners=False)
 
 
-def config(redis: RedisServer, *, cache: bool = False, timeout: float = 0.5) -> str:
-    text = "[auth]\nfailure_delay = 0\n" + '[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n[lua]\nworkers = 1\n'
+def config(
+    redis: RedisServer, *, cache: bool = False, timeout: float = 0.5, processes: int = 1, metrics: int = 0
+) -> str:
+    # A FAIL waits failure_delay, as in production; the penalty update reaches Redis meanwhile.
+    text = "[auth]\nfailure_delay = 0.1\n" + '[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n[lua]\nworkers = 1\n'
+    text += f"[server]\nprocesses = {processes}\n"
+    if metrics:
+        text += f'[metrics]\naddress = "127.0.0.1"\nport = {metrics}\n'
     if cache:
         text += "[cache]\nsize = 1000000\nttl = 3600\nnegative_ttl = 3600\n"
     text += f'[state]\nbackend = "redis"\nurl = "{redis.url}"\ntimeout = {timeout}\nlog_interval = 0\n'
@@ -73,7 +81,12 @@ def start_instances(tmp_path: Path, redis: RedisServer, count: int, **options: o
     for proc in instances:
         proc.start(wait_for=("auth-client", "auth-master"))
     for proc in instances:
-        proc.wait_for_log(lambda e: e.get("event") == "state.subscribed")
+        subscribed = [e for e in proc.log_events() if e.get("event") == "state.subscribed"]
+        deadline = time.monotonic() + 10
+        while len(subscribed) < int(options.get("processes", 1)):  # type: ignore[call-overload]
+            assert time.monotonic() < deadline, proc.log_text()
+            time.sleep(0.05)
+            subscribed = [e for e in proc.log_events() if e.get("event") == "state.subscribed"]
     return instances
 
 
@@ -124,7 +137,8 @@ def test_flush_on_one_instance_reaches_the_others(three: list[AuthdProcess]) -> 
 
 
 def test_redis_killed_and_restarted_under_load(tmp_path: Path, redis_server: RedisServer) -> None:
-    (proc,) = instances = start_instances(tmp_path, redis_server, 1, timeout=0.05)
+    port = free_port()
+    (proc,) = instances = start_instances(tmp_path, redis_server, 1, timeout=0.05, metrics=port)
     answers: list[tuple[str, float]] = []
     done = threading.Event()
 
@@ -139,7 +153,12 @@ def test_redis_killed_and_restarted_under_load(tmp_path: Path, redis_server: Red
         for thread in threads:
             thread.start()
         time.sleep(1)
-        redis_server.stop()
+        assert redis_server.popen is not None
+        redis_server.popen.send_signal(signal.SIGSTOP)  # slow: connected, but no answers
+        time.sleep(2)
+        redis_server.popen.send_signal(signal.SIGCONT)
+        time.sleep(1)
+        redis_server.stop()  # down: connections refused
         time.sleep(2)
         redis_server.start()
         proc.wait_for_log(lambda e: e.get("event") == "state.reconnected", timeout=10)
@@ -148,14 +167,30 @@ def test_redis_killed_and_restarted_under_load(tmp_path: Path, redis_server: Red
         done.set()
         for thread in threads:
             thread.join(30)
+        if redis_server.popen is not None:
+            redis_server.popen.send_signal(signal.SIGCONT)
+    try:
+        check_load(proc, answers, port)
+    finally:
         for instance in instances:
             instance.stop()
+
+
+def check_load(proc: AuthdProcess, answers: list[tuple[str, float]], port: int) -> None:
     assert len(answers) > 100
     assert {reply for reply, _ in answers} == {"OK\t1\tuser=alice"}
     assert max(seconds for _, seconds in answers) < 2
     fallbacks = [e for e in proc.log_events() if e.get("event") == "state.fallback"]
     assert fallbacks and fallbacks[0]["message"] == "Redis unavailable: local state answers"
     assert "secret1" not in proc.log_text()
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    counted = {op: 0.0 for op in ("penalty_lookup", "penalty_update")}
+    for line in page.splitlines():
+        for op in counted:
+            if line.startswith(f'authd_state_fallbacks_total{{op="{op}"}}'):
+                counted[op] = float(line.split()[-1])
+    assert counted["penalty_lookup"] > 0, page
+    print(f"{len(answers)} requests, slowest {max(s for _, s in answers) * 1000:.0f} ms, fallbacks {counted}")
 
 
 def test_penalty_is_shared_again_after_a_restart(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -178,6 +213,30 @@ def test_penalty_is_shared_again_after_a_restart(tmp_path: Path, redis_server: R
             raise AssertionError("authd did not reconnect to Redis")
         reply, waited = auth(b, "secret1", rip=rip)
         assert reply == "OK\t1\tuser=alice" and 3.8 <= waited < 6, waited
+    finally:
+        for proc in instances:
+            proc.stop()
+
+
+def test_worker_processes_share_through_redis(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Each process of an instance talks to Redis: a flush reaches another instance's workers,
+    and failures a worker served count for the other instance."""
+    a, b = instances = start_instances(tmp_path, redis_server, 2, cache=True, processes=2)
+    try:
+        for _ in range(4):  # connections go to each process in turn: fill both caches of B
+            assert auth(b, "secret1", rip="203.0.113.9")[0] == "OK\t1\tuser=alice"
+        (b.workdir / "password").write_text("secret2\n")
+        answers = {auth(b, "secret1", rip="203.0.113.9")[0] for _ in range(4)}
+        assert answers == {"OK\t1\tuser=alice"}  # both processes still answer from their caches
+        assert cache_flush(str(a.socket("auth-master")), ["alice"]) == 0  # A had nothing cached
+        time.sleep(0.1)
+        answers = {auth(b, "secret1", rip="203.0.113.10")[0] for _ in range(4)}
+        assert answers == {"FAIL\t1\tuser=alice"}
+        for attempt in range(2):  # one of the two lands in A's worker
+            auth(a, f"guess{attempt}", rip="192.0.2.77")
+        assert redis_server.command(b"HGET", b"authd:penalty:192.0.2.77", b"p") is not None
+        reply, waited = auth(b, "secret2", rip="192.0.2.77")
+        assert reply == "OK\t1\tuser=alice" and 7.8 <= waited < 10, waited  # penalty 2: 8 s
     finally:
         for proc in instances:
             proc.stop()
