@@ -482,6 +482,67 @@ _scram_sha1_generate, _scram_sha1_verify = _scram_scheme("sha1", "SCRAM-SHA-1")
 _scram_sha256_generate, _scram_sha256_verify = _scram_scheme("sha256", "SCRAM-SHA-256")
 
 
+# --- OTP (RFC 2289 one-time-password state, as Dovecot's lib-otp stores it) ------------------------
+
+_OTP_ALGORITHMS: Final = ("md4", "md5", "sha1")
+_OTP_SEQUENCE: Final = 1024
+_OTP_MAX_SEED_LEN: Final = 16
+#: otp_parse_dbentry: ALGO LWS SEQ LWS SEED(<= 16 alphanumerics) SPACE, then 16 hex digits among blanks.
+_OTP_ENTRY = re.compile(rb"([^ \t]*)[ \t](-?[0-9]+)[ \t]([0-9A-Za-z]{0,16}) ([0-9A-Fa-f \t]*)")
+
+
+def _otp_fold(algorithm: str, data: bytes) -> bytes:
+    """One RFC 2289 step: the digest folded to 64 bits by XOR (SHA-1's halves byte-reversed)."""
+    if algorithm == "md4":
+        digest = bytes(lookup_hash("md4").const(data).digest())
+    else:
+        digest = hashlib.new(algorithm, data).digest()
+
+    def xor(*parts: bytes) -> bytes:
+        return bytes(functools.reduce(lambda a, b: a ^ b, column) for column in zip(*parts, strict=True))
+
+    if algorithm == "sha1":
+        return xor(digest[0:4], digest[8:12], digest[16:20])[::-1] + xor(digest[4:8], digest[12:16])[::-1]
+    return xor(digest[0:4], digest[8:12]) + xor(digest[4:8], digest[12:16])
+
+
+def _otp_hash(algorithm: str, seed: bytes, plain: bytes, sequence: int) -> bytes:
+    result = _otp_fold(algorithm, seed + plain)
+    for _ in range(sequence):
+        result = _otp_fold(algorithm, result)
+    return result
+
+
+def _otp_entry(algorithm: str, sequence: int, seed: bytes, plain: bytes) -> bytes:
+    """Dovecot's otp_print_dbentry: "ALGO SEQ SEED HEXHASH"."""
+    hashed = _otp_hash(algorithm, seed, plain, sequence)
+    return b"%s %d %s %s" % (algorithm.encode(), sequence, seed, hashed.hex().encode())
+
+
+def _otp_generate(plain: bytes, params: _Params) -> bytes:
+    """A new SHA-1 state: sequence 1024, a random 16-hex-digit seed (-r is ignored, as in Dovecot)."""
+    return _otp_entry("sha1", _OTP_SEQUENCE, secrets.token_hex(_OTP_MAX_SEED_LEN // 2).encode(), plain)
+
+
+def _otp_verify(plain: bytes, raw: bytes, params: _Params) -> bool:
+    """otp_parse_dbentry, then the entry made again from the password, compared case-insensitively.
+
+    A negative sequence is refused as invalid data (Dovecot would hash some 4 billion times).
+    """
+    stored = _c_string(raw)
+    match = _OTP_ENTRY.match(stored)
+    invalid = _InvalidStoredPassword("Invalid OTP data in passdb")
+    if match is None:
+        raise invalid
+    algorithm, sequence_text, seed, tail = match.groups()
+    sequence = int(sequence_text)
+    hex_digits = re.sub(rb"[ \t]", b"", tail)
+    if algorithm.decode("latin-1") not in _OTP_ALGORITHMS or not 0 <= sequence <= 0x7FFFFFFF or len(hex_digits) < 16:
+        raise invalid
+    generated = _otp_entry(algorithm.decode(), sequence, seed.lower(), plain)
+    return stored.lower() == generated.lower()
+
+
 # --- plain digests and salted digests ------------------------------------------------------------
 
 
@@ -558,7 +619,7 @@ def _plain_trunc_verify(plain: bytes, raw: bytes, params: _Params) -> bool:
 
 _NONE, _BASE64, _HEX = _Encoding.NONE, _Encoding.BASE64, _Encoding.HEX
 
-# In the order `doveadm pw -l` lists them (2.3.19's hash-table order). OTP is not supported.
+# In the order `doveadm pw -l` lists them (2.3.19's hash-table order).
 _REGISTRY: Final = {
     scheme.name: scheme
     for scheme in (
@@ -568,6 +629,7 @@ _REGISTRY: Final = {
         _Scheme("BLF-CRYPT", _NONE, 0, _blf_crypt_generate, _blf_crypt_verify),
         _Scheme("PLAIN", _NONE, 0, _plain_generate, _plain_verify),
         _Scheme("HMAC-MD5", _HEX, 32, _cram_md5_context, None),
+        _Scheme("OTP", _NONE, 0, _otp_generate, _otp_verify),
         _Scheme("SHA512", _BASE64, 64, _sha512_generate, None),
         _Scheme("SHA", _BASE64, 20, _sha1_generate, None),
         _Scheme("DES-CRYPT", _NONE, 0, _des_crypt_generate, _crypt_verify),
