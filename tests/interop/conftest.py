@@ -129,7 +129,22 @@ def imap_route_a(interop_dir: Path, ref_dovecot: ReferenceDovecot) -> Iterator[D
 
 
 @pytest.fixture(scope="module")
-def imap_route_b(interop_dir: Path, ref_dovecot: ReferenceDovecot) -> Iterator[DovecotImap]:
+def route_b_reference(interop_dir: Path, users_file: Path) -> Iterator[ReferenceDovecot]:
+    """ref_dovecot of the host's Dovecot: imap_route_b's clients speak its dialect (a 2.4 login
+    sends protocol=, which 2.3's auth refuses: `didn't specify service in request`)."""
+    build = host_build()
+    dialect = None if build is None else build.dialect
+    databases = db_block("passdb", "passwd-file", str(users_file), dialect=dialect) + db_block(
+        "userdb", "passwd-file", str(users_file), dialect=dialect
+    )
+    ref = ReferenceDovecot(subdir(interop_dir, "ref-b"), databases, build=build)
+    with running("route B reference dovecot", ref):
+        yield ref
+
+
+@pytest.fixture(scope="module")
+def imap_route_b(interop_dir: Path, route_b_reference: ReferenceDovecot) -> Iterator[DovecotImap]:
+    ref_dovecot = route_b_reference
     # The relay cannot carry REQUEST (session_pid vs peer credentials), so imap keeps asking the
     # reference's master socket directly; everything else goes through the route-B service. The
     # host's Dovecot: its master runs this host's Python.

@@ -140,10 +140,13 @@ def reference(workdir: Path) -> Iterator[ReferenceDovecot]:
     script = directory / "users.lua"
     script.write_text(users_lua())
     script.chmod(0o644)
-    databases = db_block("passdb", "lua", f"file={script} blocking=no") + db_block(
-        "userdb", "lua", f"file={script} blocking=no"
+    # The host's Dovecot, like the doveadm peers below (a 2.4 doveadm's lookups are not 2.3's).
+    build = host_build_or_fail()
+    databases = db_block("passdb", "lua", f"file={script} blocking=no", dialect=build.dialect) + db_block(
+        "userdb", "lua", f"file={script} blocking=no", dialect=build.dialect
     )
-    with running("reference dovecot", ReferenceDovecot(directory, databases, extra_config=REFERENCE_OWNER)) as ref:
+    reference = ReferenceDovecot(directory, databases, extra_config=REFERENCE_OWNER, build=build)
+    with running("reference dovecot", reference) as ref:
         yield ref
 
 
