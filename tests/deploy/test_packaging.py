@@ -70,3 +70,16 @@ def test_every_import_is_a_declared_dependency() -> None:
     }
     assert undeclared == {}
     assert "outcome" in _third_party_imports()
+
+
+def test_every_package_is_listed() -> None:
+    # A package missing from [tool.setuptools] packages is absent from a real (non-editable) install.
+    tool = _pyproject()["tool"]
+    assert isinstance(tool, dict)
+    listed = set(tool["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for package in PACKAGES
+        for init in (REPO / package).rglob("__init__.py")
+    }
+    assert found - listed == set()
