@@ -45,7 +45,7 @@ def users_lua() -> str:
     return f"""\
 function auth_passdb_lookup(req)
   if req.user == "alice" then
-    return dovecot.auth.PASSDB_RESULT_OK, "password=alicepass"
+    return dovecot.auth.PASSDB_RESULT_OK, {{ password = "alicepass" }}
   end
   return dovecot.auth.PASSDB_RESULT_USER_UNKNOWN, "no such user"
 end
