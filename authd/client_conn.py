@@ -13,7 +13,9 @@ import secrets
 import select
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -23,7 +25,14 @@ from authd.outbox import Outbox
 from authd.penalty import penalty_to_secs
 from authd.proxy import drop_proxy_fields, proxy_finish, wants_proxy
 from lua_api.results import PassdbResult
-from protocol.client import AuthClientServer, HandshakeSettings, RequestState, RequestTimedOut, TakenRequest
+from protocol.client import (
+    AuthClientServer,
+    HandshakeSettings,
+    RequestHandle,
+    RequestState,
+    RequestTimedOut,
+    TakenRequest,
+)
 from protocol.errors import PeerError
 from protocol.events import (
     AnonymousLoggedIn,
@@ -119,6 +128,21 @@ def log_duplicate_pid(pid: int, **context: object) -> None:
     )
 
 
+@dataclass(eq=False)
+class _Tracked:
+    """What the connection keeps of one live request besides its AuthRequest: the protocol's
+    handle (answers go to this request, never to a later one reusing the id) and the cancel
+    scopes of its running steps (cancelled when the request is dropped)."""
+
+    handle: RequestHandle
+    scopes: set[trio.CancelScope] = field(default_factory=set)
+
+
+#: Never a live request's serial (they start at 1): the protocol ignores answers through it.
+def _gone(req: AuthRequest) -> RequestHandle:
+    return RequestHandle(req.id, 0)
+
+
 class ClientConnection:
     """Serves one connected auth client until it disconnects or breaks the protocol."""
 
@@ -140,6 +164,8 @@ class ClientConnection:
             request_timeout=server.config.limits.request_timeout,
         )
         self.requests: dict[int, AuthRequest] = {}
+        #: Keyed by the AuthRequest object (eq=False: by identity), as long as it is in `requests`.
+        self._tracked: dict[AuthRequest, _Tracked] = {}
         self._outbox = Outbox(stream, self.proto.data_to_send)
         self._nursery: trio.Nursery | None = None
         self._closed = False
@@ -244,10 +270,11 @@ class ClientConnection:
                 if not self._connected(event):
                     return
                 continue
+            req = self.requests.get(event.request_id)
             try:
                 self._handle(event)
             except Exception:
-                self._internal_error(event.request_id)
+                self._internal_error(event.request_id, req)
         self._outbox.wake()
 
     def _connected(self, event: ClientConnected) -> bool:
@@ -263,17 +290,19 @@ class ClientConnection:
         if isinstance(event, AuthStarted):
             self._start(event)
         elif isinstance(event, PasswordReceived):
-            self._spawn(event.request_id, self._verify, event, queue=True)
+            if (req := self.requests.get(event.request_id)) is not None:
+                self._spawn(req, partial(self._verify, req, event), queue=True)
         elif isinstance(event, Authenticated):
             self._succeed(event.request_id)
         elif isinstance(event, UsernameReceived):
             self._username(event)
         elif isinstance(event, CredentialsWanted):
-            self._spawn(event.request_id, self._credentials, event, queue=True)
+            if (req := self.requests.get(event.request_id)) is not None:
+                self._spawn(req, partial(self._credentials, req, event), queue=True)
         elif isinstance(event, CertUsernameWanted):
             req = self.requests.get(event.request_id)
             if req is not None:
-                self.dispatch(self.proto.cert_username_result(req.id, req.user is not None))
+                self.dispatch(self.proto.cert_username_result(self._ref(req), req.user is not None))
         elif isinstance(event, AnonymousLoggedIn):
             self._anonymous(event)
         elif isinstance(event, AuthFailed):
@@ -291,11 +320,11 @@ class ClientConnection:
         elif isinstance(event, RequestTimedOut):
             self._timed_out(event)
         elif isinstance(event, RequestDropped):
-            self.requests.pop(event.request_id, None)
+            self._drop(event.request_id)
 
     def _timed_out(self, event: RequestTimedOut) -> None:
         """auth_request_timeout: the request is gone, nothing is sent; Dovecot's log line."""
-        req = self.requests.pop(event.request_id, None)
+        req = self._drop(event.request_id)
         context = {"mech": _text(req.mech), **req.log_context()} if req is not None else {}
         if event.state is RequestState.MECH_CONTINUE:
             message = f"Request timed out waiting for client to continue authentication ({event.secs} secs)"
@@ -305,44 +334,52 @@ class ClientConnection:
             message = f"Request {pid}.{event.request_id} timed out after {event.secs} secs, state={int(event.state)}"
             log.error("auth.timeout", message=message, **context)
 
-    def _spawn(self, request_id: int, step: Callable[[Any], Awaitable[None]], arg: Any, *, queue: bool = False) -> None:
-        """Run a request step that waits (passdb call, penalty, delay_until) as a task.
+    def _spawn(self, req: AuthRequest, step: Callable[[], Awaitable[None]], *, queue: bool = False) -> None:
+        """Run a step of `req` that waits (passdb call, penalty, delay_until) as a task.
 
         A `queue` step (a request's first wait) is refused with temp_fail at once while
-        [limits] requests_total steps wait in this process."""
+        [limits] requests_total steps wait in this process. The step runs only while `req`
+        is live: dropping the request (CANCEL, a FAIL, a timeout) cancels it."""
         assert self._nursery is not None
         in_flight = self.server.in_flight
         if queue and in_flight.count >= self.server.config.limits.requests_total:
-            self._refuse_busy(request_id)
+            self._refuse_busy(req)
             return
         self._steps += 1
         in_flight.count += 1
-        self._nursery.start_soon(self._guarded, request_id, step, arg)
+        self._nursery.start_soon(self._guarded, req, step)
 
-    async def _guarded(self, request_id: int, step: Callable[[Any], Awaitable[None]], arg: Any) -> None:
+    async def _guarded(self, req: AuthRequest, step: Callable[[], Awaitable[None]]) -> None:
+        tracked = self._tracked.get(req) if self._current(req) else None
+        scope = trio.CancelScope()
         try:
-            await step(arg)
+            if tracked is not None:  # else dropped before the task started: nothing to do
+                tracked.scopes.add(scope)
+                with scope:
+                    await step()
         except Exception:
-            self._internal_error(request_id)
+            self._internal_error(req.id, req)
         finally:
+            if tracked is not None:
+                tracked.scopes.discard(scope)
             self._steps -= 1
             self.server.in_flight.count -= 1
             if self._room:
                 self._room.unpark_all()
         self._outbox.wake()
 
-    def _refuse_busy(self, request_id: int) -> None:
+    def _refuse_busy(self, req: AuthRequest) -> None:
         """The process has requests_total steps waiting: temp_fail now, no failure delay."""
-        self.requests.pop(request_id, None)
-        line = self.proto.fail(request_id, code=b"temp_fail")
+        handle = self._ref(req)
+        self._forget(req)
+        line = self.proto.fail(handle, code=b"temp_fail")
         if line is not None:
             self._outbox.send(line)
         self.server.in_flight.refused(self.server.config.limits.requests_total)
 
-    def _internal_error(self, request_id: int) -> None:
-        """An unexpected error in a request step fails that request with temp_fail."""
+    def _internal_error(self, request_id: int, req: AuthRequest | None) -> None:
+        """An unexpected error in a step of `req` fails that request with temp_fail."""
         log.exception("auth.internal_error", request_id=request_id)
-        req = self.requests.get(request_id)
         if req is not None:
             req.internal_failure = True
             self._fail(req)
@@ -350,12 +387,33 @@ class ClientConnection:
     def take_request(self, request_id: int) -> TakenRequest | None:
         """Hand a finished login request to an auth-master REQUEST (one-shot)."""
         taken = self.proto.take_request(request_id)
-        self.requests.pop(request_id, None)
+        self._drop(request_id)
         return taken
 
     def _current(self, req: AuthRequest) -> bool:
         """Is `req` still the live request for its id (not cancelled or replaced)?"""
         return self.requests.get(req.id) is req and not self.closed
+
+    def _ref(self, req: AuthRequest) -> RequestHandle:
+        """How to answer the protocol about `req`: its handle, refused once `req` is gone."""
+        tracked = self._tracked.get(req)
+        return tracked.handle if tracked is not None else _gone(req)
+
+    def _drop(self, request_id: int) -> AuthRequest | None:
+        """Forget the request of `request_id` (the protocol dropped it) and cancel its steps."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            self._forget(req)
+        return req
+
+    def _forget(self, req: AuthRequest) -> None:
+        """Forget `req` (never a later request that reuses its id) and cancel its running steps."""
+        if self.requests.get(req.id) is req:
+            del self.requests[req.id]
+        tracked = self._tracked.pop(req, None)
+        if tracked is not None:
+            for scope in tracked.scopes:
+                scope.cancel()
 
     def _start(self, event: AuthStarted) -> None:
         limit = self.server.config.limits.open_requests_per_connection
@@ -369,7 +427,10 @@ class ClientConnection:
         req.mech = event.mechanism.encode()
         req.client_pid = self.proto.pid if self.login and self.proto.pid else 0
         req.import_params(event.params, auth=True)
+        handle = self.proto.handle(event.request_id)
+        assert handle is not None  # the AUTH line's request, just added
         self.requests[req.id] = req
+        self._tracked[req] = _Tracked(handle)
         auth = self.server.config.auth
         refusal = None
         if auth.ssl_require_client_cert and not req.valid_client_cert:
@@ -378,7 +439,7 @@ class ClientConnection:
             refusal = "SSL certificate didn't contain username"
         if refusal is not None:
             log.info("auth.refused", message=refusal, **req.log_context())
-            self.dispatch(self.proto.refuse(req.id, refusal.encode()))
+            self.dispatch(self.proto.refuse(handle, refusal.encode()))
             self.server.log_result(req, "refused")
             return
         # Dovecot waits out the per-IP penalty before running the mechanism; a CONT
@@ -386,14 +447,14 @@ class ClientConnection:
         ident = self.server.penalty.ident(req.remote_ip, no_penalty=req.no_penalty)
         if ident is not None:
             if self.server.penalty.shared:  # [state] redis: ask the shared penalty first, as Dovecot asks anvil
-                self._spawn(req.id, self._begin_after_penalty, req, queue=True)
+                self._spawn(req, partial(self._begin_after_penalty, req), queue=True)
                 return
             req.last_penalty = self.server.penalty.lookup(ident)
             if req.last_penalty:
                 self.server.metrics.penalty_waits.inc()
-                self._spawn(req.id, self._begin_after_penalty, req, queue=True)
+                self._spawn(req, partial(self._begin_after_penalty, req), queue=True)
                 return
-        self.dispatch(self.proto.begin(req.id))
+        self.dispatch(self.proto.begin(handle))
 
     async def _begin_after_penalty(self, req: AuthRequest) -> None:
         penalty = self.server.penalty
@@ -405,7 +466,7 @@ class ClientConnection:
         if req.last_penalty:
             await trio.sleep(penalty_to_secs(req.last_penalty))
         if self._current(req):
-            self.dispatch(self.proto.begin(req.id))
+            self.dispatch(self.proto.begin(self._ref(req)))
 
     def _username(self, event: UsernameReceived) -> None:
         req = self.requests.get(event.request_id)
@@ -415,9 +476,9 @@ class ClientConnection:
             req.set_username(event.username)
         except UsernameError as exc:
             log.info("auth.invalid_username", message=str(exc), **req.log_context())
-            self.dispatch(self.proto.username_result(req.id, False))
+            self.dispatch(self.proto.username_result(self._ref(req), False))
             return
-        self.dispatch(self.proto.username_result(req.id, True))
+        self.dispatch(self.proto.username_result(self._ref(req), True))
 
     def _anonymous(self, event: AnonymousLoggedIn) -> None:
         """mech-anonymous: the user becomes anonymous_username, no passdb asked."""
@@ -430,10 +491,7 @@ class ClientConnection:
         req.passdb_success = True
         self._succeed(req.id)
 
-    async def _verify(self, event: PasswordReceived) -> None:
-        req = self.requests.get(event.request_id)
-        if req is None:
-            return
+    async def _verify(self, req: AuthRequest, event: PasswordReceived) -> None:
         try:
             req.set_username(event.username)
             if event.authzid:
@@ -445,12 +503,9 @@ class ClientConnection:
         with self.server.generation.use() as generation:
             result = await generation.passdbs.verify_plain(req, event.password)
         if self._current(req):
-            self.dispatch(self.proto.password_result(req.id, _verdict(result)))
+            self.dispatch(self.proto.password_result(self._ref(req), _verdict(result)))
 
-    async def _credentials(self, event: CredentialsWanted) -> None:
-        req = self.requests.get(event.request_id)
-        if req is None:
-            return
+    async def _credentials(self, req: AuthRequest, event: CredentialsWanted) -> None:
         try:
             req.set_username(event.username)
             if event.authzid:
@@ -462,7 +517,7 @@ class ClientConnection:
         with self.server.generation.use() as generation:
             result, credentials = await generation.passdbs.lookup_credentials(req, event.scheme)
         if self._current(req):
-            self.dispatch(self.proto.credentials_result(req.id, _verdict(result), credentials or b""))
+            self.dispatch(self.proto.credentials_result(self._ref(req), _verdict(result), credentials or b""))
 
     def _succeed(self, request_id: int) -> None:
         req = self.requests.get(request_id)
@@ -473,7 +528,7 @@ class ClientConnection:
             return
         req.successful = True
         if self.login and wants_proxy(req):
-            self._spawn(req.id, self._settle_proxy, req)
+            self._spawn(req, partial(self._settle_proxy, req))
             return
         self._succeed_now_or_later(req)
 
@@ -490,7 +545,7 @@ class ClientConnection:
     def _succeed_now_or_later(self, req: AuthRequest) -> None:
         # delay_until is a wall-clock time, as in Dovecot (compared with ioloop_time).
         if req.delay_until > time.time():
-            self._spawn(req.id, self._succeed_after_delay, req)
+            self._spawn(req, partial(self._succeed_after_delay, req))
             return
         self._reply_ok(req)
 
@@ -506,9 +561,9 @@ class ClientConnection:
         if req.last_penalty:
             self._penalize(req, 0)  # a success resets the address's penalty
         keep = req if self.login and b"nologin" not in extra and b"proxy" not in extra else None
-        self.proto.succeed(req.id, req.user or b"", list(extra), req.reply_trailer(login=self.login), keep=keep)
+        self.proto.succeed(self._ref(req), req.user or b"", list(extra), req.reply_trailer(login=self.login), keep=keep)
         if keep is None:
-            self.requests.pop(req.id, None)
+            self._forget(req)
         self.server.log_result(req, "ok")
 
     def _fail(self, req: AuthRequest) -> None:
@@ -529,14 +584,14 @@ class ClientConnection:
             code = b"pass_expired"
         nodelay = b"nodelay" in extra
         line = self.proto.fail(
-            req.id,
+            self._ref(req),
             req.user if req.user is not None else req.original_user,
             code=code,
             nodelay=nodelay,
             fields=list(extra),
             trailer=req.reply_trailer(login=self.login),
         )
-        self.requests.pop(req.id, None)
+        self._forget(req)
         self.server.log_result(req, code.decode() or "failed")
         if line is None:
             return

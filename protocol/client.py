@@ -13,6 +13,7 @@ failed request at once but sends its FAIL line only after the failure delay.
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -98,9 +99,19 @@ class _State(enum.Enum):
     FINISHED = "finished"  # OK sent on a login connection; kept for REQUEST
 
 
+@dataclass(frozen=True, slots=True)
+class RequestHandle:
+    """One request as its AUTH started it: the id, which a later AUTH may reuse once the
+    request is gone, and a serial number that no other request of the connection has."""
+
+    id: int
+    serial: int
+
+
 @dataclass
 class _Request:
     id: int
+    serial: int
     mechanism: Mechanism
     params: Params
     initial: bytes | None
@@ -155,6 +166,7 @@ class AuthClientServer:
         self._out = bytearray()
         #: In order of last access (refreshing one moves it to the end), so the oldest is first.
         self._requests: dict[int, _Request] = {}
+        self._serials = itertools.count(1)
         self._initiated = False
         self.minor_version: int | None = None
         self.pid: int | None = None
@@ -277,7 +289,9 @@ class AuthClientServer:
             # Dovecot's words: a pid only where logins are served (elsewhere its handler has 0).
             client_pid = self.pid if self.login else 0
             raise PeerError(f"BUG: Authentication client {client_pid} sent a duplicate ID {request_id}")
-        request = _Request(request_id, mech_class(self.settings.environment), parsed, None, self._clock())
+        request = _Request(
+            request_id, next(self._serials), mech_class(self.settings.environment), parsed, None, self._clock()
+        )
         self._requests[request_id] = request
         if initial_resp is not None:
             assert self.minor_version is not None
@@ -357,15 +371,33 @@ class AuthClientServer:
             return [Authenticated(request.id)]
         return [AuthFailed(request.id, step.reason, step.internal)]
 
-    def _waiting(self, request_id: int, *states: _State) -> _Request | None:
+    def handle(self, request_id: int) -> RequestHandle | None:
+        """The handle of the request now in the table under `request_id`, or None.
+
+        Take it when the request's event arrives and answer through it: an answer that
+        comes after the request was dropped (CANCEL, a FAIL, a timeout) is then ignored,
+        even if a new AUTH has reused the id meanwhile, as Dovecot's old lookup ends on
+        the old, removed request.
+        """
         request = self._requests.get(request_id)
+        return None if request is None else RequestHandle(request.id, request.serial)
+
+    def _lookup(self, ref: int | RequestHandle) -> _Request | None:
+        """The request `ref` names; None if it is gone or (for a handle) was replaced."""
+        if isinstance(ref, RequestHandle):
+            request = self._requests.get(ref.id)
+            return request if request is not None and request.serial == ref.serial else None
+        return self._requests.get(ref)
+
+    def _waiting(self, ref: int | RequestHandle, *states: _State) -> _Request | None:
+        request = self._lookup(ref)
         if request is None:
             return None  # cancelled, timed out or dropped meanwhile: nothing to do
         if request.state not in states:
-            raise UsageError(f"request {request_id} is {request.state.value}, not {states}")
+            raise UsageError(f"request {request.id} is {request.state.value}, not {states}")
         return request
 
-    def begin(self, request_id: int) -> list[ClientEvent]:
+    def begin(self, request_id: int | RequestHandle) -> list[ClientEvent]:
         """Run the mechanism's first step (after any penalty wait)."""
         request = self._waiting(request_id, _State.NEW)
         if request is None:
@@ -376,7 +408,7 @@ class AuthClientServer:
             return self._apply(request, Failure("Unexpected NUL in auth data"))
         return self._apply(request, request.mechanism.initial(initial))
 
-    def refuse(self, request_id: int, reason: bytes) -> list[ClientEvent]:
+    def refuse(self, request_id: int | RequestHandle, reason: bytes) -> list[ClientEvent]:
         """Fail a request before its mechanism runs: an immediate FAIL with `reason`
         (auth_request_handler_auth_fail, as for the client-certificate checks)."""
         request = self._waiting(request_id, _State.NEW)
@@ -384,27 +416,27 @@ class AuthClientServer:
             return []
         return self._fail_now(request, reason)
 
-    def username_result(self, request_id: int, accepted: bool) -> list[ClientEvent]:
+    def username_result(self, request_id: int | RequestHandle, accepted: bool) -> list[ClientEvent]:
         request = self._waiting(request_id, _State.SERVER)
         if request is None:
             return []
         return self._apply(request, request.mechanism.username_result(accepted))
 
-    def password_result(self, request_id: int, verdict: PassdbVerdict) -> list[ClientEvent]:
+    def password_result(self, request_id: int | RequestHandle, verdict: PassdbVerdict) -> list[ClientEvent]:
         request = self._waiting(request_id, _State.SERVER)
         if request is None:
             return []
         return self._apply(request, request.mechanism.password_result(verdict))
 
     def credentials_result(
-        self, request_id: int, verdict: PassdbVerdict, credentials: bytes = b""
+        self, request_id: int | RequestHandle, verdict: PassdbVerdict, credentials: bytes = b""
     ) -> list[ClientEvent]:
         request = self._waiting(request_id, _State.SERVER)
         if request is None:
             return []
         return self._apply(request, request.mechanism.credentials_result(verdict, credentials))
 
-    def cert_username_result(self, request_id: int, known: bool) -> list[ClientEvent]:
+    def cert_username_result(self, request_id: int | RequestHandle, known: bool) -> list[ClientEvent]:
         """Answer `CertUsernameWanted`: True if the request got a user name from the certificate."""
         request = self._waiting(request_id, _State.SERVER)
         if request is None:
@@ -415,7 +447,7 @@ class AuthClientServer:
 
     def succeed(
         self,
-        request_id: int,
+        request_id: int | RequestHandle,
         user: bytes,
         fields: Sequence[Field] = (),
         trailer: Sequence[Field] = (),
@@ -458,7 +490,7 @@ class AuthClientServer:
 
     def fail(
         self,
-        request_id: int,
+        request_id: int | RequestHandle,
         user: bytes | None = None,
         *,
         code: bytes = b"",
@@ -471,10 +503,11 @@ class AuthClientServer:
         The caller writes the line when its failure delay is over (or at once for
         `nodelay`). Returns None if the request is gone already.
         """
-        request = self._requests.pop(request_id, None)
+        request = self._lookup(request_id)
         if request is None:
             return None
-        head = b"FAIL\t%d" % request_id
+        del self._requests[request.id]
+        head = b"FAIL\t%d" % request.id
         if user is not None:
             head += b"\tuser=" + tab_escape(user)
         if nodelay:

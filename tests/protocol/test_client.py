@@ -397,3 +397,40 @@ def test_duplicate_id_while_scram_waits_for_cont(login: bool, pid_in_message: in
     assert type(exc.value) is PeerError
     assert conn.data_to_send() == b""
     assert list(conn.request_ids()) == [1]
+
+
+def test_a_dropped_requests_answer_does_not_reach_a_reused_id() -> None:
+    """A CONT while SCRAM's credentials lookup runs drops request 1; a new AUTH reuses id 1.
+    The old lookup's answer, given through its handle, is ignored (Dovecot ends it on the old,
+    removed request), so the new PLAIN request goes on undisturbed."""
+    conn = AuthClientServer(HandshakeSettings([Plain, ScramSha256], spid=1, cuid=2, cookie=COOKIE))
+    conn.initiate()
+    conn.data_to_send()
+    conn.receive_data(b"VERSION\t1\t2\nCPID\t13465\n")
+    scram = b"AUTH\t1\tSCRAM-SHA-256\tservice=imap\tresp=" + base64.b64encode(b"n,,n=erin,r=abc") + b"\n"
+    assert conn.receive_data(scram) == [AuthStarted(1, "SCRAM-SHA-256", Params(((b"service", b"imap"),)))]
+    assert conn.begin(1) == [CredentialsWanted(1, b"erin", "SCRAM-SHA-256", b"")]
+    old = conn.handle(1)
+    assert old is not None and old.id == 1
+    assert conn.receive_data(b"CONT\t1\tYWJj\n") == [RequestDropped(1, "Unexpected continuation")]
+    assert conn.data_to_send() == b"FAIL\t1\treason=Unexpected continuation\n"
+    plain = b"AUTH\t1\tPLAIN\tservice=imap\tresp=" + base64.b64encode(b"\0alice\0alicepass") + b"\n"
+    assert conn.receive_data(plain) == [AuthStarted(1, "PLAIN", Params(((b"service", b"imap"),)))]
+    new = conn.handle(1)
+    assert new is not None and new != old
+    assert conn.begin(new) == [PasswordReceived(1, b"alice", b"alicepass", b"")]
+    # The stale answers: none reaches PLAIN (which would raise UsageError), nothing is sent.
+    assert conn.credentials_result(old, PassdbVerdict.OK, SCRAM_ERIN) == []
+    assert conn.password_result(old, PassdbVerdict.FAILED) == []
+    assert conn.fail(old, b"erin") is None
+    assert conn.succeed(old, b"erin") is False
+    assert conn.data_to_send() == b""
+    assert conn.password_result(new, PassdbVerdict.OK) == [Authenticated(1)]
+    assert conn.succeed(new, b"alice") is True
+    assert conn.data_to_send() == b"OK\t1\tuser=alice\n"
+    assert conn.handle(1) is None
+    # An answer by bare id still goes to whatever request has the id now.
+    conn.receive_data(plain)
+    conn.begin(1)
+    with pytest.raises(UsageError, match="PLAIN never looks up credentials"):
+        conn.credentials_result(1, PassdbVerdict.OK, SCRAM_ERIN)
