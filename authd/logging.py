@@ -1,7 +1,7 @@
 """structlog set-up: console lines for people, JSON lines for log shippers.
 
 Events are nouns (`auth.request`, `lua.error`) with fields; passwords are never
-passed to the logger in the first place.
+passed to the logger in the first place, and tracebacks show no frame locals.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def configure(*, fmt: str = "console", level: str = "info", stream: object = Non
     their first use and kept (about a quarter of the price of the per-request event);
     code that reconfigures structlog afterwards for its own capture (authd try) must
     do so before those loggers are first used. A worker process's events carry its
-    `worker` number.
+    `worker` number. An event logged with exc_info carries its traceback as the string
+    field `exception` in every format (Python's own formatting: frames and source lines,
+    never their locals, which may hold a password).
     """
     renderer: structlog.types.Processor
     if fmt == "json":
@@ -84,6 +86,7 @@ def configure(*, fmt: str = "console", level: str = "info", stream: object = Non
             *([_add_worker(worker)] if worker is not None else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=False),
+            structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,57 @@ def test_tracebacks_go_to_structlog() -> None:
     assert lines[0].endswith("[error    ] auth.internal_error            request_id=7")
     assert lines[1] == "Traceback (most recent call last):"
     assert lines[-1] == "ValueError: boom"
+
+
+#: A password that only a frame's locals hold (the source lines in a traceback do not).
+SECRET = "-".join(["s3cret", "pw"])
+
+
+def _check(password: str) -> None:
+    if password:
+        raise ValueError("boom")
+
+
+def logged_exception(fmt: str) -> str:
+    """What one auth.internal_error with a real traceback (a password among its locals) writes."""
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    configure(fmt=fmt, stream=stream)
+    try:
+        try:
+            _check(SECRET)
+        except ValueError:
+            structlog.get_logger("test").exception("auth.internal_error", request_id=7)
+    finally:
+        structlog.configure(**previous)
+    return stream.getvalue()
+
+
+def test_json_lines_carry_the_traceback_as_a_string() -> None:
+    [line] = logged_exception("json").splitlines()
+    event = json.loads(line)
+    assert "exc_info" not in event
+    assert set(event) == {"request_id", "event", "level", "timestamp", "exception"}
+    assert (event["request_id"], event["event"], event["level"]) == (7, "auth.internal_error", "error")
+    lines = event["exception"].splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    raise_line = _check.__code__.co_firstlineno + 2
+    assert lines[-3:] == [
+        f'  File "{__file__}", line {raise_line}, in _check',
+        '    raise ValueError("boom")',
+        "ValueError: boom",
+    ]
+    assert SECRET not in line  # frame locals are not rendered
+
+
+def test_console_and_json_show_the_same_traceback() -> None:
+    console = logged_exception("console")
+    [line] = logged_exception("json").splitlines()
+    assert console.endswith("request_id=7\n" + json.loads(line)["exception"] + "\n")
+    assert SECRET not in console
+    dovecot = logged_exception("dovecot")
+    assert "exception=Traceback (most recent call last):\\n" in dovecot
+    assert "ValueError: boom" in dovecot and SECRET not in dovecot and "exc_info" not in dovecot
 
 
 class Recorder(io.StringIO):
