@@ -5,14 +5,16 @@ A penalty decision is one server-side script, a flush one pub/sub message; past 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import time
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
+import anyio
 import coredis
-import coredis.exceptions
 import structlog
 import trio
 from coredis.retry import NoRetryPolicy
@@ -30,8 +32,8 @@ RETRY_INTERVAL = 0.5
 CONNECT_TIMEOUT = 1.0
 #: Penalty updates waiting to be written; beyond it they are dropped (local state keeps them).
 MAX_QUEUED = 10_000
-#: Errors that mean "the server is not there right now", as opposed to a bug.
-UNAVAILABLE = (coredis.exceptions.RedisError, OSError)
+#: What coredis raises besides trio.Cancelled while it is cancelled (its cleanup under trio).
+SHUTDOWN_NOISE = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.WouldBlock)
 
 # Redis runs these with its own clock (TIME), so every instance decays penalties alike.
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
@@ -77,7 +79,8 @@ def _location(node: str) -> tuple[str, int]:
 
 
 def connect(settings: StateSettings) -> Any:
-    """A coredis client for [state] (not yet entered): url, Sentinel or Cluster."""
+    """A coredis client for [state] (not yet entered): url or Cluster, or a Sentinel (whose
+    primary_for() gives the client once the Sentinel is entered)."""
     kwargs: dict[str, Any] = {
         "connect_timeout": CONNECT_TIMEOUT,
         "retry_policy": NoRetryPolicy(),
@@ -97,8 +100,7 @@ def connect(settings: StateSettings) -> Any:
     if settings.cluster:
         nodes = [coredis.connection.TCPLocation(*_location(node)) for node in settings.cluster]
         return coredis.RedisCluster(startup_nodes=nodes, **kwargs)
-    sentinel = coredis.Sentinel([_location(node) for node in settings.sentinels], **kwargs)
-    return sentinel.primary_for(settings.master_name)
+    return coredis.Sentinel([_location(node) for node in settings.sentinels], **kwargs)
 
 
 class _Fallbacks:
@@ -154,14 +156,35 @@ class RedisState:
         self.fallbacks = _Fallbacks(settings.log_interval, counter)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._client = client = connect(self.settings)
-        self._lookup = client.register_script(LOOKUP)
-        self._update = client.register_script(UPDATE)
-        async with client, trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_updates)
-            nursery.start_soon(self._subscribe)
-            task_status.started()
-            await trio.sleep_forever()
+        """Serve at once (local state answers until Redis does); a client that fails as a
+        whole is set up again, and the shutdown never fails on the client's cleanup."""
+        task_status.started()
+        while True:
+            try:
+                await self._connect_and_serve()
+            except Exception as exc:
+                log.error("state.client_failed", message=f"{type(exc).__name__}: {exc}: starting it again")
+            except BaseException as exc:
+                if _only_cancellation(exc):  # coredis 6.9's pub/sub cleanup adds anyio errors to it
+                    return
+                raise
+            finally:
+                self._client = None
+            await trio.sleep(RETRY_INTERVAL)
+
+    async def _connect_and_serve(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            client = connect(self.settings)
+            if isinstance(client, coredis.Sentinel):
+                await stack.enter_async_context(client)
+                client = client.primary_for(self.settings.master_name)
+            await stack.enter_async_context(client)
+            self._lookup = client.register_script(LOOKUP)
+            self._update = client.register_script(UPDATE)
+            self._client = client
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_updates)
+                nursery.start_soon(self._subscribe)
 
     async def _call(self, op: str, command: Any) -> Any:
         """Run one command within the budget; None (fallback counted) if it did not answer."""
@@ -176,7 +199,7 @@ class RedisState:
                     self._away = False
                     log.info("state.reconnected", message="Redis answers again")
                 return result
-        except UNAVAILABLE as exc:
+        except Exception as exc:  # unavailable (or a client error): local state answers
             reason = f"{type(exc).__name__}: {exc}"
             self._away, self._away_until = True, time.monotonic() + RETRY_INTERVAL
         self.fallbacks.note(op, reason)
@@ -220,7 +243,7 @@ class RedisState:
                             self._on_flush(())
                         elif message["type"] == "message":
                             self._received(message["data"])
-            except UNAVAILABLE as exc:
+            except Exception as exc:
                 log.warning("state.subscription_lost", message=f"{type(exc).__name__}: {exc}")
             await trio.sleep(RETRY_INTERVAL)
 
@@ -233,3 +256,21 @@ class RedisState:
             return
         if origin != self._origin:
             self._on_flush(users)
+
+
+def _only_cancellation(exc: BaseException) -> bool:
+    """Is `exc` trio.Cancelled, possibly grouped with coredis's cleanup noise?"""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = list(_leaves(exc))
+        return any(isinstance(e, trio.Cancelled) for e in leaves) and all(
+            isinstance(e, (trio.Cancelled, *SHUTDOWN_NOISE)) for e in leaves
+        )
+    return isinstance(exc, trio.Cancelled)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc

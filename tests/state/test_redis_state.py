@@ -19,7 +19,7 @@ from authd.tools import cache_flush
 from config import ConfigError, parse_config
 from tests.authd_process import LISTENERS, AuthdProcess
 from tests.interop.wire import Wire
-from tests.state.conftest import RedisServer, free_port
+from tests.state.conftest import ClusterNode, RedisServer, Sentinel, free_port
 
 SCRIPT = """\
 function auth_passdb_lookup(req)
@@ -58,7 +58,13 @@ def test_state_section() -> None:
 
 
 def config(
-    redis: RedisServer, *, cache: bool = False, timeout: float = 0.5, processes: int = 1, metrics: int = 0
+    redis: RedisServer,
+    *,
+    cache: bool = False,
+    timeout: float = 0.5,
+    processes: int = 1,
+    metrics: int = 0,
+    where: str = "",
 ) -> str:
     # A FAIL waits failure_delay, as in production; the penalty update reaches Redis meanwhile.
     text = "[auth]\nfailure_delay = 0.1\n" + '[[passdb]]\ndriver = "lua"\nfile = "s.lua"\n[lua]\nworkers = 1\n'
@@ -67,7 +73,8 @@ def config(
         text += f'[metrics]\naddress = "127.0.0.1"\nport = {metrics}\n'
     if cache:
         text += "[cache]\nsize = 1000000\nttl = 3600\nnegative_ttl = 3600\n"
-    text += f'[state]\nbackend = "redis"\nurl = "{redis.url}"\ntimeout = {timeout}\nlog_interval = 0\n'
+    where = where or f'url = "{redis.url}"'
+    text += f'[state]\nbackend = "redis"\n{where}\ntimeout = {timeout}\nlog_interval = 0\n'
     return text + LISTENERS
 
 
@@ -240,3 +247,51 @@ def test_worker_processes_share_through_redis(tmp_path: Path, redis_server: Redi
     finally:
         for proc in instances:
             proc.stop()
+
+
+def test_starts_with_redis_down_and_stops_cleanly(tmp_path: Path, redis_server: RedisServer) -> None:
+    redis_server.stop()
+    workdir = tmp_path / "authd"
+    workdir.mkdir()
+    (workdir / "password").write_text("secret1\n")
+    proc = AuthdProcess(workdir, config(redis_server), {"s.lua": SCRIPT})
+    proc.start()
+    try:
+        assert auth(proc, "secret1")[0] == "OK\t1\tuser=alice"  # local state answers
+        redis_server.start()
+        proc.wait_for_log(lambda e: e.get("event") == "state.subscribed", timeout=15)
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in proc.log_text()
+    assert [e["event"] for e in proc.log_events()][-1] == "server.stopped"
+
+
+def shared_by_two(tmp_path: Path, redis: RedisServer, where: str) -> None:
+    instances = []
+    for name in ("a", "b"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        (workdir / "password").write_text("secret1\n")
+        instances.append(AuthdProcess(workdir, config(redis, cache=True, where=where), {"s.lua": SCRIPT}))
+    a, b = instances
+    try:
+        for proc in instances:
+            proc.start()
+            proc.wait_for_log(lambda e: e.get("event") == "state.subscribed", timeout=15)
+        assert auth(a, "guess1")[0] == "FAIL\t1\tuser=alice"
+        reply, waited = auth(b, "secret1")
+        assert reply == "OK\t1\tuser=alice" and 3.8 <= waited < 6, waited
+        assert cache_flush(str(a.socket("auth-master")), ["alice"]) == 1  # A cached the lookup of the failed attempt
+        b.wait_for_log(lambda e: e.get("event") == "cache.flush" and e.get("users") == ["alice"])
+    finally:
+        for proc in instances:
+            assert proc.stop() == 0
+    assert all("Traceback" not in proc.log_text() for proc in instances)
+
+
+def test_sentinel(tmp_path: Path, sentinel: Sentinel) -> None:
+    shared_by_two(tmp_path, sentinel.master, f'sentinels = ["127.0.0.1:{sentinel.port}"]\nmaster_name = "authd-master"')
+
+
+def test_cluster(tmp_path: Path, cluster: list[ClusterNode]) -> None:
+    shared_by_two(tmp_path, cluster[0], f'cluster = ["127.0.0.1:{cluster[0].port}"]')
