@@ -138,8 +138,8 @@ class _Tracked:
     scopes: set[trio.CancelScope] = field(default_factory=set)
 
 
-#: Never a live request's serial (they start at 1): the protocol ignores answers through it.
 def _gone(req: AuthRequest) -> RequestHandle:
+    """A handle the protocol ignores answers through: serial 0 (live requests start at 1)."""
     return RequestHandle(req.id, 0)
 
 
