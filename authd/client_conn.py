@@ -10,7 +10,6 @@ queue.
 from __future__ import annotations
 
 import secrets
-import select
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import structlog
 import trio
 
 from authd.auth_request import AuthRequest, UsernameError
+from authd.conn_reader import ConnectionReader
 from authd.outbox import Outbox
 from authd.penalty import penalty_to_secs
 from authd.proxy import drop_proxy_fields, proxy_finish, wants_proxy
@@ -55,13 +55,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("authd.client")
 
-RECEIVE_SIZE = 65536
-#: While a connection is at its [limits] requests_per_connection, authd does not read it, so it
-#: would not see the peer hang up: it looks this often (poll's POLLRDHUP, pending data or not).
-HANGUP_CHECK_SECS = 0.5
 #: A full [limits] requests_total is logged at most once in this many seconds.
 QUEUE_FULL_LOG_SECS = 10.0
-_HANGUP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 class InFlight:
@@ -112,15 +107,6 @@ class InFlight:
             self._unlogged = 0
 
 
-def hung_up(stream: trio.abc.Stream) -> bool:
-    """Has the peer of a connection that is not being read hung up (or reset it)?"""
-    if not isinstance(stream, trio.SocketStream):
-        return False
-    poller = select.poll()
-    poller.register(stream.socket.fileno(), _HANGUP)
-    return bool(poller.poll(0))
-
-
 def log_duplicate_pid(pid: int, **context: object) -> None:
     """Dovecot's error for a login client pid that another live connection has."""
     log.error(
@@ -169,9 +155,8 @@ class ClientConnection:
         self._outbox = Outbox(stream, self.proto.data_to_send)
         self._nursery: trio.Nursery | None = None
         self._closed = False
-        #: Request steps running as tasks, and the reader waiting for one to end at the cap.
-        self._steps = 0
-        self._room = trio.lowlevel.ParkingLot()
+        #: Counts the request steps running as tasks; at [limits] requests_per_connection it waits.
+        self._reader = ConnectionReader(stream, self._outbox, self.proto, self._cap, lambda: self.closed)
 
     @property
     def closed(self) -> bool:
@@ -207,44 +192,18 @@ class ClientConnection:
     async def _read_loop(self) -> None:
         while True:
             try:
-                await self._outbox.throttle()  # a peer that does not read is not read from
-                if self._outbox.broken:
-                    return  # it stopped reading for good
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                events = await self._reader.next_events()
+            except PeerError as exc:
+                log.error("client.protocol_error", message=str(exc), pid=self.proto.pid, listener=self.where)
                 return
-            if not data:
+            if events is None:
                 return
-            self.proto.feed(data)
-            while True:
-                if self._steps >= self._cap() and not await self._wait_for_room():
-                    return  # the peer hung up while it had to wait
-                try:
-                    events = self.proto.next_events()
-                except PeerError as exc:
-                    log.error("client.protocol_error", message=str(exc), pid=self.proto.pid, listener=self.where)
-                    return
-                if events is None:
-                    break
-                self.dispatch(events)
-                if self.closed:
-                    return
+            self.dispatch(events)
+            if self.closed:
+                return
 
     def _cap(self) -> int:
         return self.server.config.limits.requests_per_connection
-
-    async def _wait_for_room(self) -> bool:
-        """At the cap the next line waits (and with it the socket, like a TCP window) until a
-        request step ends. False if the peer hung up meanwhile."""
-        while self._steps >= self._cap():
-            with trio.move_on_after(HANGUP_CHECK_SECS):
-                await self._room.park()
-            if self.closed or self._hung_up():
-                return False
-        return True
-
-    def _hung_up(self) -> bool:
-        return hung_up(self.stream)
 
     async def _expire(self) -> None:
         """Dovecot's per-request timeout: wake when the oldest request is due (a request
@@ -345,7 +304,7 @@ class ClientConnection:
         if queue and in_flight.count >= self.server.config.limits.requests_total:
             self._refuse_busy(req)
             return
-        self._steps += 1
+        self._reader.step_started()
         in_flight.count += 1
         self._nursery.start_soon(self._guarded, req, step)
 
@@ -362,10 +321,8 @@ class ClientConnection:
         finally:
             if tracked is not None:
                 tracked.scopes.discard(scope)
-            self._steps -= 1
+            self._reader.step_ended()
             self.server.in_flight.count -= 1
-            if self._room:
-                self._room.unpark_all()
         self._outbox.wake()
 
     def _refuse_busy(self, req: AuthRequest) -> None:

@@ -23,7 +23,7 @@ import structlog
 import trio
 
 from authd.auth_request import AuthRequest, UsernameError
-from authd.client_conn import HANGUP_CHECK_SECS, RECEIVE_SIZE, hung_up
+from authd.conn_reader import ConnectionReader
 from authd.login_request import LoginRequestArgs
 from authd.outbox import Outbox
 from authd.proxy import drop_proxy_fields, proxy_finish
@@ -94,9 +94,8 @@ class MasterConnection:
         # Only userdb sockets are checked; a master socket's mode is all there is.
         self.restricted_uid = restricted_uid(path, self.creds) if userdb_only else None
         self._outbox = Outbox(stream, self.proto.data_to_send)
-        #: USER/PASS/REQUEST lookups running as tasks, and the reader waiting for one to end at the cap.
-        self._steps = 0
-        self._room = trio.lowlevel.ParkingLot()
+        #: Counts USER/PASS/REQUEST lookups running as tasks; at requests_per_connection it waits.
+        self._reader = ConnectionReader(stream, self._outbox, self.proto, self._cap, lambda: self._outbox.broken)
         #: The reader is done (EOF, protocol error): a LIST stops, as Dovecot's does.
         self._ended = False
 
@@ -122,44 +121,19 @@ class MasterConnection:
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
             try:
-                await self._outbox.throttle()  # a peer that does not read is not read from
-                if self._outbox.broken:
-                    return  # it stopped reading for good
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                events = await self._reader.next_events()
+            except PeerError as exc:
+                log.error("master.protocol_error", message=str(exc), listener=self.where)
                 return
-            if not data:
+            if events is None:
                 return
-            self.proto.feed(data)
-            while True:
-                if self._steps >= self._cap() and not await self._wait_for_room():
-                    return  # the peer hung up while it had to wait
-                try:
-                    events = self.proto.next_events()
-                except PeerError as exc:
-                    log.error("master.protocol_error", message=str(exc), listener=self.where)
-                    return
-                if events is None:
-                    break
-                for event in events:
-                    await self._handle(event, nursery)
-                if self._outbox.broken:
-                    return
-            self._outbox.wake()
+            for event in events:
+                await self._handle(event, nursery)
+            if self._outbox.broken:
+                return
 
     def _cap(self) -> int:
         return self.server.config.limits.requests_per_connection
-
-    async def _wait_for_room(self) -> bool:
-        """At the cap the next line waits (and with it the socket, like a TCP window) until a
-        lookup ends. False if the peer hung up meanwhile."""
-        self._outbox.wake()  # what was answered at once goes out meanwhile
-        while self._steps >= self._cap():
-            with trio.move_on_after(HANGUP_CHECK_SECS):
-                await self._room.park()
-            if self._outbox.broken or hung_up(self.stream):
-                return False
-        return True
 
     def _admit(self) -> bool:
         """Take a place in the process's [limits] requests_total; False (counted and logged
@@ -186,7 +160,7 @@ class MasterConnection:
         if not self._admit():
             fail(request_id)
             return
-        self._steps += 1
+        self._reader.step_started()
         nursery.start_soon(self._guarded, request_id, handler, arg, fail)
 
     async def _handle(self, event: MasterEvent, nursery: trio.Nursery) -> None:
@@ -216,10 +190,8 @@ class MasterConnection:
             log.exception("master.internal_error", request_id=request_id)
             fail(request_id)
         finally:
-            self._steps -= 1
+            self._reader.step_ended()
             self.server.in_flight.count -= 1
-            if self._room:
-                self._room.unpark_all()
         self._outbox.wake()
 
     # --- USER -----------------------------------------------------------------------
