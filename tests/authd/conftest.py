@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.authd_process import LISTENERS, AuthdProcess
+from tests.http_backend import Backend, HttpBackend
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -31,6 +32,16 @@ workers = 4
 """
     + LISTENERS
 )
+
+
+@pytest.fixture
+def slow_and_fast() -> Iterator[tuple[HttpBackend, HttpBackend]]:
+    """An HTTP backend that hangs for 600 s, and one that answers at once (good / goodpass)."""
+    with (
+        HttpBackend(Backend(delay=600)) as slow,
+        HttpBackend(Backend(users={"good": "goodpass"})) as fast,
+    ):
+        yield slow, fast
 
 
 @pytest.fixture(scope="module")

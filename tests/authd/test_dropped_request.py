@@ -7,22 +7,11 @@ the waiting step, so a hung backend cannot keep [limits] requests_total filled b
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.authd.test_flood import basic, good_login, in_flight, plain, start_authd, wait_in_flight
-from tests.http_backend import Backend, HttpBackend
-
-
-@pytest.fixture
-def slow_and_fast() -> Iterator[tuple[HttpBackend, HttpBackend]]:
-    with (
-        HttpBackend(Backend(delay=600)) as slow,
-        HttpBackend(Backend(users={"good": "goodpass"})) as fast,
-    ):
-        yield slow, fast
+from tests.authd.flood_helpers import basic, in_flight, plain, wait_in_flight
+from tests.authd.test_flood import good_login, start_authd
+from tests.http_backend import HttpBackend
 
 
 def test_a_cancelled_requests_lookup_stops_and_frees_its_slot(

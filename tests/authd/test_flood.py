@@ -7,19 +7,12 @@ fresh connection's login at once.
 
 from __future__ import annotations
 
-import base64
-import re
-import socket
-import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.authd.flood_helpers import RSS_BOUND_MB, Pipeline, basic, in_flight, plain, rss_mb, scrape, wait_in_flight
 from tests.authd_process import AuthdProcess
-from tests.http_backend import Backend, HttpBackend
+from tests.http_backend import HttpBackend
 from tests.interop.wire import Wire
 
 #: The flood user's backend call goes to a backend that hangs; the good user's to one that
@@ -60,115 +53,28 @@ path = "auth-client"
 """
 
 FLOOD_LINES = 100_000
-#: authd with one Lua script idles near 60-90 MB; 100 000 requests in memory took 1.8 GB.
-RSS_BOUND_MB = 160
 
 
-def plain(user: str, password: str) -> str:
-    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
-
-
-def basic(user: str, password: str) -> str:
-    return base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-    assert match is not None
-    return int(match.group(1)) / 1024
-
-
-def scrape(proc: AuthdProcess) -> dict[str, float]:
-    port = proc.wait_for_log(lambda e: e.get("event") == "metrics.ready")["port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
-class Flood:
+class Flood(Pipeline):
     """An auth-client connection that writes LINES pipelined AUTHs from a thread until closed."""
 
     def __init__(self, path: Path, lines: int, first_id: int = 1) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        resp = plain("flood", basic("flood", "x"))
+        resp = plain("flood", basic("flood", "x")).encode()
         head = b"VERSION\t1\t2\nCPID\t%d\n" % (first_id + 1000)
-        self.data = head + b"".join(
-            b"AUTH\t%d\tPLAIN\tservice=imap\tresp=%s\n" % (n, resp.encode()) for n in range(first_id, first_id + lines)
+        lines_data = (
+            b"AUTH\t%d\tPLAIN\tservice=imap\tresp=%s\n" % (n, resp) for n in range(first_id, first_id + lines)
         )
-        self.sent_all = False
-        self.thread = threading.Thread(target=self._write, daemon=True)
-
-    def _write(self) -> None:
-        try:
-            self.sock.sendall(self.data)
-            self.sent_all = True
-        except OSError:
-            pass
-
-    def start(self) -> Flood:
-        self.thread.start()
-        return self
-
-    def read_available(self, seconds: float) -> bytes:
-        """What authd answered within SECONDS (greeting included)."""
-        self.sock.settimeout(0.1)
-        data = b""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            if not chunk:
-                break
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(10)
+        super().__init__(path, head + b"".join(lines_data))
 
 
-@pytest.fixture
-def backends() -> Iterator[tuple[HttpBackend, HttpBackend]]:
-    with (
-        HttpBackend(Backend(delay=600)) as slow,
-        HttpBackend(Backend(users={"good": "goodpass"})) as fast,
-    ):
-        yield slow, fast
-
-
-def start_authd(tmp_path: Path, backends: tuple[HttpBackend, HttpBackend], per_conn: int, total: int) -> AuthdProcess:
-    slow, fast = backends
+def start_authd(
+    tmp_path: Path, slow_and_fast: tuple[HttpBackend, HttpBackend], per_conn: int, total: int
+) -> AuthdProcess:
+    slow, fast = slow_and_fast
     script = SCRIPT.replace("@SLOW@", slow.url).replace("@FAST@", fast.url)
     proc = AuthdProcess(tmp_path, CONFIG % (per_conn, total), {"flood.lua": script})
     proc.start()
     return proc
-
-
-def in_flight(proc: AuthdProcess) -> float:
-    return scrape(proc).get("authd_requests_in_flight", -1.0)
-
-
-def wait_in_flight(proc: AuthdProcess, predicate: object, timeout: float, rss_pid: int) -> float:
-    """Poll the in-flight gauge until PREDICATE holds; fail at once if authd outgrows the bound."""
-    deadline = time.monotonic() + timeout
-    value = -1.0
-    while time.monotonic() < deadline:
-        assert rss_mb(rss_pid) < RSS_BOUND_MB, f"authd RSS {rss_mb(rss_pid):.0f} MB"
-        value = in_flight(proc)
-        if predicate(value):  # type: ignore[operator]
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"in-flight requests stayed at {value}")
 
 
 def good_login(proc: AuthdProcess) -> tuple[str, float]:
@@ -184,9 +90,9 @@ def good_login(proc: AuthdProcess) -> tuple[str, float]:
 
 
 def test_flood_is_held_at_the_connection_cap_and_a_fresh_login_is_served(
-    tmp_path: Path, backends: tuple[HttpBackend, HttpBackend]
+    tmp_path: Path, slow_and_fast: tuple[HttpBackend, HttpBackend]
 ) -> None:
-    proc = start_authd(tmp_path, backends, per_conn=100, total=110)
+    proc = start_authd(tmp_path, slow_and_fast, per_conn=100, total=110)
     try:
         base = rss_mb(proc.pid)
         flood = Flood(proc.socket("auth-client"), FLOOD_LINES).start()
@@ -217,9 +123,9 @@ def test_flood_is_held_at_the_connection_cap_and_a_fresh_login_is_served(
 
 
 def test_beyond_the_total_limit_requests_get_temp_fail_at_once(
-    tmp_path: Path, backends: tuple[HttpBackend, HttpBackend]
+    tmp_path: Path, slow_and_fast: tuple[HttpBackend, HttpBackend]
 ) -> None:
-    proc = start_authd(tmp_path, backends, per_conn=100, total=150)
+    proc = start_authd(tmp_path, slow_and_fast, per_conn=100, total=150)
     try:
         first = Flood(proc.socket("auth-client"), 100).start()
         wait_in_flight(proc, lambda v: v == 100, 20, proc.pid)

@@ -8,16 +8,12 @@ whose reader does not read, so memory stays bounded and a fresh connection is st
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.authd.test_flood import RSS_BOUND_MB, in_flight, rss_mb, scrape, wait_in_flight
+from tests.authd.flood_helpers import RSS_BOUND_MB, Pipeline, in_flight, rss_mb, scrape, wait_in_flight
 from tests.authd_process import AuthdProcess
-from tests.http_backend import Backend, HttpBackend
+from tests.http_backend import HttpBackend
 from tests.interop.wire import Wire
 
 #: The flood's userdb lookups go to a backend that hangs; the good user's to one that answers.
@@ -65,60 +61,18 @@ LIST_NAME = b"x" * 1000
 LIST_GROWTH_MB = 75
 
 
-class MasterFlood:
+class MasterFlood(Pipeline):
     """An auth-userdb connection that writes LINES pipelined USERs from a thread until closed."""
 
     def __init__(self, path: Path, lines: int, first_id: int = 1) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        self.data = b"VERSION\t1\t0\n" + b"".join(
-            b"USER\t%d\tflood\tservice=lmtp\n" % n for n in range(first_id, first_id + lines)
-        )
-        self.sent_all = False
-        self.thread = threading.Thread(target=self._write, daemon=True)
-
-    def _write(self) -> None:
-        try:
-            self.sock.sendall(self.data)
-            self.sent_all = True
-        except OSError:
-            pass
-
-    def start(self) -> MasterFlood:
-        self.thread.start()
-        return self
-
-    def read_available(self, seconds: float) -> bytes:
-        """What authd answered within SECONDS (greeting included)."""
-        self.sock.settimeout(0.1)
-        data = b""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            if not chunk:
-                break
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(10)
-
-
-@pytest.fixture
-def backends() -> Iterator[tuple[HttpBackend, HttpBackend]]:
-    with HttpBackend(Backend(delay=600)) as slow, HttpBackend(Backend()) as fast:
-        yield slow, fast
+        users = (b"USER\t%d\tflood\tservice=lmtp\n" % n for n in range(first_id, first_id + lines))
+        super().__init__(path, b"VERSION\t1\t0\n" + b"".join(users))
 
 
 def start_authd(
-    tmp_path: Path, backends: tuple[HttpBackend, HttpBackend], per_conn: int = 128, total: int = 4096
+    tmp_path: Path, slow_and_fast: tuple[HttpBackend, HttpBackend], per_conn: int = 128, total: int = 4096
 ) -> AuthdProcess:
-    slow, fast = backends
+    slow, fast = slow_and_fast
     script = SCRIPT.replace("@SLOW@", slow.url).replace("@FAST@", fast.url).replace("@USERS@", str(LIST_USERS))
     proc = AuthdProcess(tmp_path, CONFIG % (per_conn, total), {"userdb.lua": script})
     proc.start(wait_for=("auth-userdb",))
@@ -134,9 +88,9 @@ def good_user(proc: AuthdProcess) -> tuple[str, float]:
 
 
 def test_user_flood_is_held_at_the_connection_cap_and_a_fresh_user_is_served(
-    tmp_path: Path, backends: tuple[HttpBackend, HttpBackend]
+    tmp_path: Path, slow_and_fast: tuple[HttpBackend, HttpBackend]
 ) -> None:
-    proc = start_authd(tmp_path, backends, per_conn=100, total=110)
+    proc = start_authd(tmp_path, slow_and_fast, per_conn=100, total=110)
     try:
         flood = MasterFlood(proc.socket("auth-userdb"), FLOOD_LINES).start()
         # it fills its cap, and stays there: authd stops reading it
@@ -164,9 +118,9 @@ def test_user_flood_is_held_at_the_connection_cap_and_a_fresh_user_is_served(
 
 
 def test_beyond_the_total_limit_user_pass_and_list_fail_at_once(
-    tmp_path: Path, backends: tuple[HttpBackend, HttpBackend]
+    tmp_path: Path, slow_and_fast: tuple[HttpBackend, HttpBackend]
 ) -> None:
-    proc = start_authd(tmp_path, backends, per_conn=100, total=150)
+    proc = start_authd(tmp_path, slow_and_fast, per_conn=100, total=150)
     try:
         first = MasterFlood(proc.socket("auth-userdb"), 100).start()
         wait_in_flight(proc, lambda v: v == 100, 20, proc.pid)
@@ -189,8 +143,8 @@ def test_beyond_the_total_limit_user_pass_and_list_fail_at_once(
         proc.stop()
 
 
-def test_a_list_nobody_reads_is_throttled(tmp_path: Path, backends: tuple[HttpBackend, HttpBackend]) -> None:
-    proc = start_authd(tmp_path, backends)
+def test_a_list_nobody_reads_is_throttled(tmp_path: Path, slow_and_fast: tuple[HttpBackend, HttpBackend]) -> None:
+    proc = start_authd(tmp_path, slow_and_fast)
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(proc.socket("auth-userdb")))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.authd.flood_helpers import metrics_url, scrape
 from tests.authd_process import LISTENERS, AuthdProcess
 from tests.http_backend import Account, Backend, HttpBackend
 from tests.interop.wire import Wire
@@ -41,24 +42,6 @@ def authd(tmp_path: Path) -> Iterator[AuthdProcess]:
     proc.start(wait_for=("auth-client", "auth-master"))
     yield proc
     proc.stop()
-
-
-def metrics_url(authd: AuthdProcess, path: str) -> str:
-    port = authd.wait_for_log(lambda e: e.get("event") == "metrics.ready")["port"]
-    return f"http://127.0.0.1:{port}{path}"
-
-
-def scrape(authd: AuthdProcess) -> dict[str, float]:
-    """Every sample of /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(metrics_url(authd, "/metrics"), timeout=5) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def auth(authd: AuthdProcess, user: str, password: str, rip: str) -> str:

@@ -5,11 +5,10 @@ Thousands of distinct service names over a real authd's socket leave its metrics
 
 from __future__ import annotations
 
-import base64
-import urllib.request
 from pathlib import Path
 
 from authd.metrics import Metrics
+from tests.authd.flood_helpers import metrics_page, plain
 from tests.authd_process import AuthdProcess
 from tests.interop.wire import Wire
 
@@ -35,16 +34,6 @@ REQUESTS = 5_000
 BATCH = 100
 
 
-def plain(user: str, password: str) -> str:
-    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
-
-
-def page(proc: AuthdProcess) -> str:
-    port = proc.wait_for_log(lambda e: e.get("event") == "metrics.ready")["port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return str(response.read().decode())
-
-
 def test_distinct_service_names_over_the_socket_count_as_other(tmp_path: Path) -> None:
     with AuthdProcess(tmp_path, CONFIG) as proc, Wire.auth_client(proc.socket("auth-client"), timeout=30) as w:
         w.send("VERSION\t1\t2", "CPID\t1")
@@ -54,7 +43,7 @@ def test_distinct_service_names_over_the_socket_count_as_other(tmp_path: Path) -
             assert sorted(w.read_line() for _ in ids) == sorted(f"OK\t{i}\tuser=alice" for i in ids)
         w.send(f"AUTH\t{REQUESTS + 1}\tPLAIN\tservice=imap\tresp={plain('alice', 'pw')}")
         assert w.read_line() == f"OK\t{REQUESTS + 1}\tuser=alice"
-        text = page(proc)
+        text = metrics_page(proc)
     assert 'authd_auth_requests_total{mechanism="PLAIN",result="ok",service="other"} 5000.0\n' in text
     assert 'authd_auth_requests_total{mechanism="PLAIN",result="ok",service="imap"} 1.0\n' in text
     assert "flood" not in text
