@@ -12,13 +12,9 @@ from tests.http_backend import Backend, HttpBackend
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
-REFERENCE_CONFIG = (
+#: The reference users' passdb and userdb on all four socket types: a config's part after its own [auth].
+REFERENCE_BACKENDS = (
     """
-[auth]
-mechanisms = ["plain", "login"]
-failure_delay = 0
-penalty = false
-
 [[passdb]]
 driver = "lua"
 file = "reference_users.lua"
@@ -32,6 +28,21 @@ workers = 4
 """
     + LISTENERS
 )
+
+REFERENCE_CONFIG = (
+    """
+[auth]
+mechanisms = ["plain", "login"]
+failure_delay = 0
+penalty = false
+"""
+    + REFERENCE_BACKENDS
+)
+
+
+def reference_files() -> dict[str, str]:
+    """The script REFERENCE_BACKENDS names, for AuthdProcess."""
+    return {"reference_users.lua": (FIXTURES / "reference_users.lua").read_text()}
 
 
 @pytest.fixture
@@ -48,8 +59,7 @@ def slow_and_fast() -> Iterator[tuple[HttpBackend, HttpBackend]]:
 def reference_authd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthdProcess]:
     """authd serving the protocol.md §6 reference users on all four socket types."""
     workdir = tmp_path_factory.mktemp("authd")
-    script = (FIXTURES / "reference_users.lua").read_text()
-    proc = AuthdProcess(workdir, REFERENCE_CONFIG, {"reference_users.lua": script})
+    proc = AuthdProcess(workdir, REFERENCE_CONFIG, reference_files())
     proc.start(wait_for=("auth-client", "auth-login", "auth-master", "auth-userdb"))
     try:
         yield proc

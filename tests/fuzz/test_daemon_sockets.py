@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.authd_process import LISTENERS, AuthdProcess
+from tests.authd.conftest import FIXTURES, REFERENCE_BACKENDS, reference_files
+from tests.authd_process import AuthdProcess
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SEED = 20261208
 PER_LISTENER = 3000
 CONCURRENCY = 8
@@ -48,19 +48,8 @@ port = 0
 [cache]
 size = 1000
 ttl = 60
-
-[[passdb]]
-driver = "lua"
-file = "reference_users.lua"
-
-[[userdb]]
-driver = "lua"
-file = "reference_users.lua"
-
-[lua]
-workers = 4
 """
-    + LISTENERS
+    + REFERENCE_BACKENDS
 )
 
 SOCKETS = {"client": "auth-client", "login": "auth-login", "master": "auth-master", "userdb": "auth-userdb"}
@@ -313,7 +302,7 @@ def fuzzed_authd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     """One process, and two (the main one relays client and userdb connections to a worker)."""
     workdir = tmp_path_factory.mktemp("fuzz")
     config = CONFIG + f"\n[server]\nprocesses = {request.param}\n"
-    proc = AuthdProcess(workdir, config, {"reference_users.lua": (FIXTURES / "reference_users.lua").read_text()})
+    proc = AuthdProcess(workdir, config, reference_files())
     proc.start(wait_for=tuple(SOCKETS.values()))
     try:
         yield proc
@@ -363,7 +352,7 @@ STALE_LOOKUP = (
 
 
 def test_a_dropped_requests_lookup_does_not_answer_a_reused_id(tmp_path: Path) -> None:
-    fresh = AuthdProcess(tmp_path, CONFIG, {"reference_users.lua": (FIXTURES / "reference_users.lua").read_text()})
+    fresh = AuthdProcess(tmp_path, CONFIG, reference_files())
     with fresh, socket.socket(socket.AF_UNIX) as sock:
         sock.connect(str(fresh.socket("auth-client")))
         sock.settimeout(10)
