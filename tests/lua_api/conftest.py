@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from lua_api.http import HttpExtension
 from lua_api.request import LuaRequest
 from lua_api.request_vars import RequestVars
 from lua_api.runtime import LuaState, StateOptions, run_in_loop
@@ -28,6 +29,14 @@ class RecordingHost:
         elif crypted.startswith(b"{NOSUCH}"):
             return 0, "Unknown scheme NOSUCH"
         return (1, None) if crypted == plain else (0, "Password mismatch")
+
+
+@pytest.fixture
+async def ext() -> AsyncIterator[HttpExtension]:
+    """A dovecot.http extension for the test's Lua states, closed (its pools too) afterwards."""
+    extension = HttpExtension()
+    yield extension
+    await extension.aclose()
 
 
 @pytest.fixture

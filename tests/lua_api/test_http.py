@@ -11,7 +11,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -123,13 +123,6 @@ def backend() -> Iterator[Backend]:
     yield server.backend
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture
-async def ext() -> AsyncIterator[HttpExtension]:
-    extension = HttpExtension()
-    yield extension
-    await extension.aclose()
 
 
 # --- Lua states ---------------------------------------------------------------------------

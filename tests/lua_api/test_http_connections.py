@@ -16,7 +16,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,13 +176,6 @@ def reset(conn: Connection, server: Server) -> None:
 
 
 # --- Lua states -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def ext() -> AsyncIterator[HttpExtension]:
-    extension = HttpExtension()
-    yield extension
-    await extension.aclose()
 
 
 # One client per state, made at load time, as scripts do; run() fills `result`.

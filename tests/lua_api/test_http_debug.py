@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,13 +68,6 @@ def server() -> Iterator[Scripted]:
     threading.Thread(target=scripted.serve, args=(listener,), daemon=True).start()
     yield scripted
     listener.close()
-
-
-@pytest.fixture
-async def ext() -> AsyncIterator[HttpExtension]:
-    extension = HttpExtension()
-    yield extension
-    await extension.aclose()
 
 
 async def run(

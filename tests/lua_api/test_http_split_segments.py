@@ -11,7 +11,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -73,13 +73,6 @@ def split_backend() -> Iterator[SplitBackend]:
     thread.start()
     yield backend
     listener.close()
-
-
-@pytest.fixture
-async def ext() -> AsyncIterator[HttpExtension]:
-    extension = HttpExtension()
-    yield extension
-    await extension.aclose()
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
