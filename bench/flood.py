@@ -20,7 +20,7 @@ from bench.loadgen import PASSWORD, USER
 from bench.procs import rss_bytes
 from bench.servers import Authd, Dovecot, Server, Setup, prepare_script
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "flood_passdb.lua"
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "http_passdb.lua"
 MB = 1_000_000
 FLOOD_LINES = 100_000
 #: How long the flood runs, and how long RSS is watched after its connection closed.

@@ -1,6 +1,8 @@
 -- The Nextcloud app-password shape (docker-mailserver's script): a WebDAV PROPFIND with HTTP
--- Basic auth decides. The runner replaces @BACKEND_URL@ with the local benchmark backend.
+-- Basic auth decides. The runner replaces @BACKEND_URL@ with the local benchmark backend; the
+-- flood scenario (bench/flood.py) also fills in @SLOW_URL@, a backend that never answers the user "flood".
 local BACKEND_URL = "@BACKEND_URL@"
+local SLOW_URL = "@SLOW_URL@"
 
 local http_client = dovecot.http.client{
   max_attempts = 1;
@@ -26,8 +28,9 @@ local function base64(data)
 end
 
 function auth_passdb_lookup(req)
+  local url = req.user == "flood" and SLOW_URL or BACKEND_URL
   local request = http_client:request{
-    url = BACKEND_URL .. "/remote.php/dav/files/" .. req.user .. "/";
+    url = url .. "/remote.php/dav/files/" .. req.user .. "/";
     method = "PROPFIND";
   }
   request:add_header("Authorization", "Basic " .. base64(req.user .. ":" .. req.password))
