@@ -74,6 +74,28 @@ def wait_in_flight(proc: AuthdProcess, predicate: Callable[[float], bool], timeo
     raise AssertionError(f"in-flight requests stayed at {value}")
 
 
+def held_at_cap(proc: AuthdProcess, flood: Pipeline, cap: int) -> float:
+    """FLOOD fills its connection's cap of CAP requests and stays there (authd stops reading it)
+    for two seconds within the RSS bound; returns the peak RSS in MB."""
+    wait_in_flight(proc, lambda v: v == cap, 20, proc.pid)
+    peak = rss_mb(proc.pid)
+    for _ in range(20):
+        time.sleep(0.1)
+        peak = max(peak, rss_mb(proc.pid))
+        assert peak < RSS_BOUND_MB, f"authd RSS {peak:.0f} MB"
+    assert in_flight(proc) == cap
+    assert not flood.sent_all
+    return peak
+
+
+def assert_queue_full_logged_once(proc: AuthdProcess, limit: int) -> None:
+    """Refusals at requests_total are logged once per interval, not per request."""
+    refusals = [e for e in proc.log_events() if e.get("event") == "auth.queue_full"]
+    assert len(refusals) == 1
+    assert refusals[0]["level"] == "warning"
+    assert refusals[0]["limit"] == limit
+
+
 class Pipeline:
     """A unix socket connection that writes DATA from a thread (started by `start`) until closed."""
 

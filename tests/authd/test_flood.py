@@ -10,7 +10,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.authd.flood_helpers import RSS_BOUND_MB, Pipeline, basic, in_flight, plain, rss_mb, scrape, wait_in_flight
+from tests.authd.flood_helpers import (
+    RSS_BOUND_MB,
+    Pipeline,
+    assert_queue_full_logged_once,
+    basic,
+    held_at_cap,
+    in_flight,
+    plain,
+    rss_mb,
+    scrape,
+    wait_in_flight,
+)
 from tests.authd_process import AuthdProcess
 from tests.http_backend import HttpBackend
 from tests.interop.wire import Wire
@@ -94,17 +105,8 @@ def test_flood_is_held_at_the_connection_cap_and_a_fresh_login_is_served(
 ) -> None:
     proc = start_authd(tmp_path, slow_and_fast, per_conn=100, total=110)
     try:
-        base = rss_mb(proc.pid)
         flood = Flood(proc.socket("auth-client"), FLOOD_LINES).start()
-        # it fills its cap, and stays there: authd stops reading it
-        wait_in_flight(proc, lambda v: v == 100, 20, proc.pid)
-        peak = base
-        for _ in range(20):
-            time.sleep(0.1)
-            peak = max(peak, rss_mb(proc.pid))
-            assert peak < RSS_BOUND_MB, f"authd RSS {peak:.0f} MB"
-        assert in_flight(proc) == 100
-        assert not flood.sent_all
+        peak = held_at_cap(proc, flood, 100)
         # the total queue is near full (100 of 110): a fresh login is answered at once
         line, seconds = good_login(proc)
         assert line == "OK\t1\tuser=good"
@@ -137,10 +139,7 @@ def test_beyond_the_total_limit_requests_get_temp_fail_at_once(
         assert in_flight(proc) == 150
         samples = scrape(proc)
         assert samples["authd_requests_refused_total"] == 30.0
-        refusals = [e for e in proc.log_events() if e.get("event") == "auth.queue_full"]
-        assert len(refusals) == 1  # logged once per interval, not per request
-        assert refusals[0]["level"] == "warning"
-        assert refusals[0]["limit"] == 150
+        assert_queue_full_logged_once(proc, 150)
         first.close()
         second.close()
         wait_in_flight(proc, lambda v: v == 0, 10, proc.pid)

@@ -11,7 +11,16 @@ import socket
 import time
 from pathlib import Path
 
-from tests.authd.flood_helpers import RSS_BOUND_MB, Pipeline, in_flight, rss_mb, scrape, wait_in_flight
+from tests.authd.flood_helpers import (
+    RSS_BOUND_MB,
+    Pipeline,
+    assert_queue_full_logged_once,
+    held_at_cap,
+    in_flight,
+    rss_mb,
+    scrape,
+    wait_in_flight,
+)
 from tests.authd_process import AuthdProcess
 from tests.http_backend import HttpBackend
 from tests.interop.wire import Wire
@@ -93,15 +102,7 @@ def test_user_flood_is_held_at_the_connection_cap_and_a_fresh_user_is_served(
     proc = start_authd(tmp_path, slow_and_fast, per_conn=100, total=110)
     try:
         flood = MasterFlood(proc.socket("auth-userdb"), FLOOD_LINES).start()
-        # it fills its cap, and stays there: authd stops reading it
-        wait_in_flight(proc, lambda v: v == 100, 20, proc.pid)
-        peak = rss_mb(proc.pid)
-        for _ in range(20):
-            time.sleep(0.1)
-            peak = max(peak, rss_mb(proc.pid))
-            assert peak < RSS_BOUND_MB, f"authd RSS {peak:.0f} MB"
-        assert in_flight(proc) == 100
-        assert not flood.sent_all
+        peak = held_at_cap(proc, flood, 100)
         # 100 of 110 in flight: a fresh USER on a new connection is answered at once
         line, seconds = good_user(proc)
         assert line == "USER\t1\tgood\tuid=1000"
@@ -132,10 +133,7 @@ def test_beyond_the_total_limit_user_pass_and_list_fail_at_once(
         assert replies == [b"FAIL\t%d" % n for n in range(1051, 1081)] + [b"FAIL\t2001", b"DONE\t2002\tfail"]
         assert in_flight(proc) == 150
         assert scrape(proc)["authd_requests_refused_total"] == 32.0
-        refusals = [e for e in proc.log_events() if e.get("event") == "auth.queue_full"]
-        assert len(refusals) == 1  # logged once per interval, not per request
-        assert refusals[0]["level"] == "warning"
-        assert refusals[0]["limit"] == 150
+        assert_queue_full_logged_once(proc, 150)
         first.close()
         second.close()
         wait_in_flight(proc, lambda v: v == 0, 10, proc.pid)
