@@ -18,6 +18,7 @@ import structlog
 
 from lua_api.http import HttpExtension
 from lua_api.runtime import LuaState, StateOptions, drive, run_in_loop
+from tests.lua_api.raw_http import accept_each, read_request
 from tests.lua_api.test_http import Host
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -32,29 +33,16 @@ class Scripted:
     heads: list[bytes] = field(default_factory=list)
 
     def serve(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+        accept_each(listener, self.answer)
 
     def answer(self, conn: socket.socket) -> None:
         buffer = b""
         with conn:
             while self.answers:
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                size = int(length[1]) if length else 0
-                while len(buffer) < size:
-                    buffer += conn.recv(65536)
-                buffer = buffer[size:]
-                self.heads.append(head)
+                if (request := read_request(conn, buffer)) is None:
+                    return
+                buffer = request.rest
+                self.heads.append(request.head)
                 reply, close = self.answers.pop(0)
                 conn.sendall(reply)
                 if close:

@@ -7,7 +7,6 @@ o_stream uncork sets it) the body waits for authd's delayed ACK, about 40 ms per
 from __future__ import annotations
 
 import base64
-import re
 import socket
 import threading
 import time
@@ -20,6 +19,7 @@ from bench.backend import Backend
 from bench.loadgen import PASSWORD, USER
 from lua_api.http import HttpExtension
 from lua_api.runtime import LuaState, StateOptions, drive, run_in_loop
+from tests.lua_api.raw_http import accept_each, read_request
 from tests.lua_api.test_http import Host
 
 REQUESTS = 10
@@ -35,32 +35,15 @@ class SplitBackend:
     connections: int = 0
 
     def serve(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+        accept_each(listener, self.answer)
 
     def answer(self, conn: socket.socket) -> None:
+        self.connections += 1
         buffer = b""
         with conn:
-            while True:
-                reads = 0
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                    reads += 1
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                while len(buffer) < (int(length[1]) if length else 0):
-                    buffer += conn.recv(65536)
-                    reads += 1
-                buffer = buffer[int(length[1]) if length else 0 :]
-                self.reads.append(reads)
+            while (request := read_request(conn, buffer)) is not None:
+                buffer = request.rest
+                self.reads.append(request.reads)
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
                 conn.sendall(b"ok")
 
