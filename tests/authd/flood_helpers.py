@@ -15,9 +15,40 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.authd_process import AuthdProcess
+from tests.http_backend import HttpBackend
 
 #: authd with one Lua script idles near 60-90 MB; 100 000 requests in memory took 1.8 GB.
 RSS_BOUND_MB = 160
+
+
+#: A flood script's start: propfind(user) is a PROPFIND request for USER, to the backend that
+#: answers at once for the user "good", to the one that hangs for anyone else.
+SCRIPT_PRELUDE = """\
+local client = dovecot.http.client({max_attempts = 1, request_timeout = 600000})
+
+local function propfind(user)
+  local url = user == "good" and "@FAST@" or "@SLOW@"
+  return client:request{url = url .. "/remote.php/dav/files/" .. user .. "/", method = "PROPFIND"}
+end
+"""
+
+#: A flood config's [limits] (requests_per_connection and requests_total to fill in with %),
+#: a Lua call that waits as long as the hanging backend, and /metrics on an ephemeral port.
+LIMITS_CONFIG = """\
+[limits]
+requests_per_connection = %d
+requests_total = %d
+[lua]
+call_timeout = 600
+[metrics]
+address = "127.0.0.1"
+port = 0
+"""
+
+
+def flood_script(functions: str, slow: HttpBackend, fast: HttpBackend) -> str:
+    """SCRIPT_PRELUDE and FUNCTIONS, with the backends' URLs filled in."""
+    return (SCRIPT_PRELUDE + functions).replace("@SLOW@", slow.url).replace("@FAST@", fast.url)
 
 
 def plain(user: str, password: str) -> str:

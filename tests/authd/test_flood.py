@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 from tests.authd.flood_helpers import (
+    LIMITS_CONFIG,
     RSS_BOUND_MB,
     Pipeline,
     assert_queue_full_logged_once,
     basic,
+    flood_script,
     held_at_cap,
     in_flight,
     plain,
@@ -28,12 +30,9 @@ from tests.interop.wire import Wire
 
 #: The flood user's backend call goes to a backend that hangs; the good user's to one that
 #: answers at once.
-SCRIPT = """\
-local client = dovecot.http.client({max_attempts = 1, request_timeout = 600000})
-
+SCRIPT = """
 function auth_passdb_lookup(req)
-  local url = req.user == "good" and "@FAST@" or "@SLOW@"
-  local request = client:request{url = url .. "/remote.php/dav/files/" .. req.user .. "/", method = "PROPFIND"}
+  local request = propfind(req.user)
   request:add_header("Authorization", "Basic " .. req.password)
   local status = request:submit():status()
   if status == 207 then return dovecot.auth.PASSDB_RESULT_OK, "nopassword=y" end
@@ -41,19 +40,15 @@ function auth_passdb_lookup(req)
 end
 """
 
-CONFIG = """\
+CONFIG = (
+    """\
 [auth]
 mechanisms = ["plain"]
 failure_delay = 0
 penalty = false
-[limits]
-requests_per_connection = %d
-requests_total = %d
-[lua]
-call_timeout = 600
-[metrics]
-address = "127.0.0.1"
-port = 0
+"""
+    + LIMITS_CONFIG
+    + """\
 [[passdb]]
 driver = "lua"
 file = "flood.lua"
@@ -62,6 +57,7 @@ blocking = false
 type = "client"
 path = "auth-client"
 """
+)
 
 FLOOD_LINES = 100_000
 
@@ -81,8 +77,7 @@ class Flood(Pipeline):
 def start_authd(
     tmp_path: Path, slow_and_fast: tuple[HttpBackend, HttpBackend], per_conn: int, total: int
 ) -> AuthdProcess:
-    slow, fast = slow_and_fast
-    script = SCRIPT.replace("@SLOW@", slow.url).replace("@FAST@", fast.url)
+    script = flood_script(SCRIPT, *slow_and_fast)
     proc = AuthdProcess(tmp_path, CONFIG % (per_conn, total), {"flood.lua": script})
     proc.start()
     return proc

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 from tests.authd.flood_helpers import (
+    LIMITS_CONFIG,
     RSS_BOUND_MB,
     Pipeline,
     assert_queue_full_logged_once,
+    flood_script,
     held_at_cap,
     in_flight,
     rss_mb,
@@ -26,13 +28,9 @@ from tests.http_backend import HttpBackend
 from tests.interop.wire import Wire
 
 #: The flood's userdb lookups go to a backend that hangs; the good user's to one that answers.
-SCRIPT = """\
-local client = dovecot.http.client({max_attempts = 1, request_timeout = 600000})
-
+SCRIPT = """
 function auth_userdb_lookup(req)
-  local url = req.user == "good" and "@FAST@" or "@SLOW@"
-  local request = client:request{url = url .. "/remote.php/dav/files/" .. req.user .. "/", method = "PROPFIND"}
-  request:submit()
+  propfind(req.user):submit()
   return dovecot.auth.USERDB_RESULT_OK, "uid=1000"
 end
 
@@ -44,15 +42,9 @@ function auth_userdb_iterate()
 end
 """
 
-CONFIG = """\
-[limits]
-requests_per_connection = %d
-requests_total = %d
-[lua]
-call_timeout = 600
-[metrics]
-address = "127.0.0.1"
-port = 0
+CONFIG = (
+    LIMITS_CONFIG
+    + """\
 [[userdb]]
 driver = "lua"
 file = "userdb.lua"
@@ -61,6 +53,7 @@ blocking = false
 type = "userdb"
 path = "auth-userdb"
 """
+)
 
 FLOOD_LINES = 100_000
 LIST_USERS = 50_000
@@ -81,8 +74,7 @@ class MasterFlood(Pipeline):
 def start_authd(
     tmp_path: Path, slow_and_fast: tuple[HttpBackend, HttpBackend], per_conn: int = 128, total: int = 4096
 ) -> AuthdProcess:
-    slow, fast = slow_and_fast
-    script = SCRIPT.replace("@SLOW@", slow.url).replace("@FAST@", fast.url).replace("@USERS@", str(LIST_USERS))
+    script = flood_script(SCRIPT.replace("@USERS@", str(LIST_USERS)), *slow_and_fast)
     proc = AuthdProcess(tmp_path, CONFIG % (per_conn, total), {"userdb.lua": script})
     proc.start(wait_for=("auth-userdb",))
     return proc
