@@ -2,15 +2,20 @@
 
 Route A points Dovecot's login/post-login processes and auth_socket_path at authd's
 sockets; route B has Dovecot's master start `authd serve --dovecot-service` as its
-own auth service. Both are checked with IMAP (imaplib), LMTP, dovecot-lda and doveadm.
+own auth service, under Dovecot 2.3 and (issue 14) 2.4. Both are checked with IMAP
+(imaplib), LMTP, dovecot-lda and doveadm.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import imaplib
+import re
 import shutil
 import smtplib
+import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +26,12 @@ from tests.authd_process import LISTENERS, AuthdProcess
 
 from .dovecot import (
     AuthCommand,
+    DovecotBuild,
     DovecotImap,
     ExternalSockets,
     doveadm,
+    dovecot_build,
     dovecot_lda,
-    host_build,
     imap_connect,
     mail_ids,
 )
@@ -111,20 +117,71 @@ def route_a(workdir: Path, authd: AuthdProcess) -> Iterator[DovecotImap]:
         yield imap
 
 
-@pytest.fixture(scope="module")
-def route_b(workdir: Path) -> Iterator[DovecotImap]:
-    directory = subdir(workdir, "authd-b")
+REPO = Path(__file__).resolve().parents[2]
+# The console script, not `python -m`: Dovecot's master execs with a bare argv[0], and a
+# venv's python finds its site-packages only through an absolute path (the shebang's).
+AUTHD_BIN = Path(sys.executable).parent / "authd"
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteBBuild(DovecotBuild):
+    """A build whose processes also see BINDS (this repository, its venv's Python and the
+    libraries it needs that the root lacks) at the same paths: a chroot's master must exec
+    the host's authd."""
+
+    binds: tuple[Path, ...] = ()
+
+    def argv(self, command: list[str]) -> list[str]:
+        argv = super().argv(command)
+        if self.root is None:
+            return argv
+        mounts = "".join(
+            f'{"mkdir -p" if path.is_dir() else "touch"} "$0{path}" && mount --bind {path} "$0{path}" && '
+            for path in self.binds
+        )
+        script = argv.index("-c") + 1
+        return [*argv[:script], mounts + argv[script], *argv[script + 1 :]]
+
+
+# Python's _ctypes (trio imports ctypes) and pyexpat; a minimal Debian root may have neither.
+PYTHON_LIBRARIES = ("libffi.so.8", "libexpat.so.1")
+
+
+def route_b_build(dialect: str) -> DovecotBuild:
+    """The DIALECT build that can run this host's authd, else skip (e.g. a chroot older than the
+    host's Python: Debian 13's python3.13 does not run in a bookworm root)."""
+    build = dovecot_build("2.3" if dialect == "2.3" else "2.4")
+    if build is None:
+        pytest.skip(f"no Dovecot {dialect}: run ./scripts/bootstrap as root")
+    if build.root is None:
+        return build
+    python = Path(sys.executable)
+    binds = {REPO, python.resolve().parents[1], Path(sys.prefix).resolve()}
+    libdir = Path("/usr/lib") / str(sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu")
+    for name in PYTHON_LIBRARIES:
+        inside = build.root / libdir.relative_to("/") / name  # an empty file: the mount point of an earlier run
+        if (libdir / name).exists() and (not inside.exists() or inside.stat().st_size == 0):
+            binds.add(libdir / name)
+    wrapped = RouteBBuild(build.root, build.version, tuple(sorted(binds)))
+    probe = [str(python), "-c", "import authd.cli, authd.dovecot_service, lupa, trio"]
+    done = subprocess.run(wrapped.argv(probe), capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"this host's Python does not run in {build.label}: {done.stderr.strip()[-300:]}")
+    return wrapped
+
+
+@pytest.fixture(scope="module", params=["2.3", "2.4"], ids=lambda d: f"dovecot-{d}")
+def route_b(workdir: Path, request: pytest.FixtureRequest) -> Iterator[DovecotImap]:
+    build = route_b_build(request.param)
+    directory = subdir(workdir, f"authd-b{request.param}")
     (directory / "users.lua").write_text(users_lua())
     (directory / "users.lua").chmod(0o644)
     config = directory / "authd.toml"
     config.write_text(CONFIG.split("[[listener]]")[0])  # Dovecot's master provides the listeners
     config.chmod(0o644)
-    # The console script, not `python -m`: Dovecot's master execs with a bare argv[0], and a
-    # venv's python finds its site-packages only through an absolute path (the shebang's).
-    authd_bin = Path(sys.executable).parent / "authd"
-    command = AuthCommand(f"{authd_bin} serve --dovecot-service --config {config}")
-    # The host's Dovecot: its master runs this host's authd.
-    with running("dovecot route B", DovecotImap(subdir(workdir, "imap-b"), command, build=host_build())) as imap:
+    command = AuthCommand(f"{AUTHD_BIN} serve --dovecot-service --config {config}")
+    imap_dir = subdir(workdir, f"imap-b{request.param}")
+    with running(f"dovecot {request.param} route B", DovecotImap(imap_dir, command, build=build)) as imap:
         yield imap
 
 
@@ -374,3 +431,20 @@ def test_route_b_logs_through_dovecot(route_b: DovecotImap) -> None:
     log = route_b.log_text()
     assert "auth: Info: listener.ready" in log
     assert "auth: Error:" not in log
+
+
+def test_route_b_takes_every_listener_with_its_type(route_b: DovecotImap) -> None:
+    """2.3 hands the listeners over from fd 7 by name, 2.4 from fd 8 as `NAME<TAB>type=TYPE`:
+    authd serves each as Dovecot's auth would (token-login refused: authd has no DOVECOT-TOKEN)."""
+    base = route_b.base_dir
+    log = route_b.log_text()
+    ready = re.findall(r"auth: Info: listener\.ready type=(\S+) where=(\S+)\n", log)
+    assert sorted(ready) == [
+        ("client", f"{base}/auth-client"),
+        ("login", f"{base}/auth-login"),
+        ("login", f"{base}/login/login"),
+        ("master", f"{base}/auth-master"),
+        ("userdb", f"{base}/auth-userdb"),
+    ]
+    refused = re.findall(r"auth: Warning: listener\.refused: .* type=(\S+) where=(\S+)\n", log)
+    assert refused == [("token", f"{base}/token-login/tokenlogin")]
