@@ -1,6 +1,7 @@
 """`authd pw -r ROUNDS` against `doveadm pw -r ROUNDS`: the rounds in the hash, and doveadm -t.
 
-Each case runs the real command line (python -m authd.cli pw) and the real doveadm.
+Each case runs the real command line (python -m authd.cli pw) and the 2.3.19 reference's doveadm
+(the host's on Debian 12, the chroot's on Debian 13).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import subprocess
 import pytest
 
 from tests.authd.test_cli import authd
+from tests.authd.test_passwords import reference_doveadm
 
 needs_doveadm = pytest.mark.requires("doveadm")
 
@@ -37,7 +39,7 @@ def pw_line(scheme: str, shape: str) -> str:
 
 def doveadm_pw(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["doveadm", "-c", "/dev/null", "pw", *args], capture_output=True, text=True, timeout=60, check=False
+        [*reference_doveadm(), "-c", "/dev/null", "pw", *args], capture_output=True, text=True, timeout=60, check=False
     )
 
 
