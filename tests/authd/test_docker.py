@@ -27,11 +27,13 @@ import pytest
 import yaml
 
 from tests.authd_process import REPO, accepts
+from tests.interop.dovecot import dovecot_build
 from tests.interop.procs import free_port
 from tests.interop.wire import Wire
 
 DOCKER = REPO / "deploy" / "docker"
 ENTRYPOINT = DOCKER / "entrypoint"
+DOVECONF = "/usr/bin/doveconf"
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -175,13 +177,24 @@ def test_compose_shares_the_socket_volume() -> None:
 
 @pytest.mark.requires("doveconf")
 def test_dovecot_sidecar_config_points_at_the_authd_sockets(tmp_path: Path) -> None:
+    """The sidecar ships a 2.3 config: the 2.3.19 reference's doveconf checks it (a chroot's on
+    Debian 13, which sees /tmp only, hence the copies)."""
+    build = dovecot_build("2.3")
+    if build is None:
+        pytest.skip("no Dovecot 2.3 reference: run ./scripts/bootstrap as root")
     image = {dest: sources[0] for sources, dest in copies(DOCKER / "dovecot.Dockerfile")}
+    includes = []
+    for name, dest in (
+        ("route-a.conf", "/etc/dovecot/conf.d/99-authd-route-a.conf"),
+        ("local.conf", "/etc/dovecot/local.conf"),
+    ):
+        shutil.copy(REPO / image[dest], tmp_path / name)
+        includes.append(f"!include {tmp_path / name}\n")
     main = tmp_path / "dovecot.conf"
-    main.write_text(
-        f"!include {REPO / image['/etc/dovecot/conf.d/99-authd-route-a.conf']}\n"
-        f"!include {REPO / image['/etc/dovecot/local.conf']}\n"
-    )
-    shown = subprocess.run(["doveconf", "-c", str(main), "-n"], capture_output=True, text=True, check=False)
+    main.write_text("".join(includes))
+    tmp_path.chmod(0o755)
+    command = build.argv([DOVECONF, "-c", str(main), "-n"])
+    shown = subprocess.run(command, capture_output=True, text=True, check=False)
     assert shown.returncode == 0, shown.stderr
     listeners = {x["type"]: x["path"] for x in tomllib.loads((DOCKER / "authd.toml").read_text())["listener"]}
     assert f"auth_socket_path = {listeners['userdb']}" in shown.stdout
