@@ -156,7 +156,11 @@ def route_b_build(dialect: str) -> DovecotBuild:
     if build.root is None:
         return build
     python = Path(sys.executable)
-    binds = {REPO, python.resolve().parents[1], Path(sys.prefix).resolve()}
+    base = Path(sys.base_prefix).resolve()
+    if base == Path("/usr") or Path("/usr") in base.parents:
+        # Binding a system Python's /usr would replace the root's own Dovecot with the host's.
+        pytest.skip(f"this host's system Python ({base}) runs only in its own root, not in {build.label}")
+    binds = {REPO, base, Path(sys.prefix).resolve()}
     libdir = Path("/usr/lib") / str(sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu")
     for name in PYTHON_LIBRARIES:
         inside = build.root / libdir.relative_to("/") / name  # an empty file: the mount point of an earlier run
