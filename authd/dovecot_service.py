@@ -25,6 +25,8 @@ from authd.listeners import adopt
 MASTER_DEAD_FD = 6
 FIRST_LISTENER_FD = 7
 FIRST_LISTENER_FD_24 = 8
+#: More inherited listeners than this is not a Dovecot master talking.
+MAX_LISTENERS = 1000
 
 SOCKET_TYPES = {
     "login": "login",
@@ -86,8 +88,8 @@ def listener_specs(environ: Mapping[str, str] = os.environ) -> list[ListenerSpec
     text = environ.get("SOCKET_COUNT", "")
     if text in ("", "0"):
         raise RuntimeError("SOCKET_COUNT is not set: --dovecot-service must be started by Dovecot's master")
-    if not text.isdigit():
-        raise RuntimeError(f"SOCKET_COUNT={text!r} is not a number")
+    if not text.isdigit() or int(text) > MAX_LISTENERS:
+        raise RuntimeError(f"SOCKET_COUNT={text!r} is not a number up to {MAX_LISTENERS}")
     settings = [environ.get(f"SOCKET{index}_SETTINGS", "") for index in range(int(text))]
     first = first_listener_fd(environ, settings)
     specs = []

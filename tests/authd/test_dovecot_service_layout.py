@@ -89,7 +89,7 @@ def test_tab_escaped_names() -> None:
     assert listener_specs(env) == [ListenerSpec(0, 8, "a\tb-master", "master")]
 
 
-@pytest.mark.parametrize("count", [None, "0", "six"])
+@pytest.mark.parametrize("count", [None, "0", "six", "1001"])
 def test_bad_socket_count(count: str | None) -> None:
     env = {} if count is None else {"SOCKET_COUNT": count}
     with pytest.raises(RuntimeError, match="SOCKET_COUNT"):
