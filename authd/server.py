@@ -42,10 +42,12 @@ from authd.passdb import PassdbChain
 from authd.penalty import PenaltyTracker
 from authd.reload import Generation, ScriptWatcher, script_files
 from authd.state import open_backend
+from authd.state.dict_redis import open_dicts
 from authd.userdb import UserdbChain
 from authd.workers import SHARED_TYPES, Hooks, WorkerPool, worker_command
 from config import ConfigError, load_config
 from config.schema import CacheSettings, Config, ListenerSettings, MetricsSettings
+from lua_api.dict import DictExtension
 from lua_api.dns import DnsExtension
 from lua_api.http import HttpExtension
 from lua_api.runtime import LuaExtension, StateOptions
@@ -139,6 +141,8 @@ class Server:
         self._http = HttpExtension()
         self._http.on_response = self._observe_http
         self._dns = DnsExtension()
+        #: authd.dict(name): the [[dict]]s of the config at start-up (a reload keeps them).
+        self._dict = DictExtension(open_dicts(config.dicts))
         self._generation_numbers = itertools.count(1)
         self.generation = self._build_generation(config, self.cache)
         self._reload_lock = trio.Lock()
@@ -235,7 +239,7 @@ class Server:
         )
 
     def _extensions(self) -> tuple[LuaExtension, ...]:
-        return (self._http, self._dns)
+        return (self._http, self._dns, self._dict)
 
     # --- shared state ------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from config.schema import (
     DEFAULT_MAX_STATES,
     DIALECTS,
+    DICT_DRIVERS,
     HANDSHAKES,
     LISTENER_TYPES,
     LOG_FORMATS,
@@ -33,6 +34,7 @@ from config.schema import (
     AuthSettings,
     CacheSettings,
     Config,
+    DictSettings,
     LimitsSettings,
     ListenerSettings,
     LogSettings,
@@ -431,6 +433,36 @@ def _state(t: _Table) -> StateSettings:
     return settings
 
 
+def _dict(t: _Table) -> DictSettings:
+    name = t.string("name", None)
+    if not name:
+        raise t.error("name", "every [[dict]] needs a name (scripts open it with authd.dict(name))")
+    defaults = DictSettings(name)
+    settings = DictSettings(
+        name=name,
+        driver=t.choice("driver", DICT_DRIVERS, defaults.driver),
+        max_keys=t.integer("max_keys", defaults.max_keys, minimum=1),
+        url=t.string("url", defaults.url),
+        key_prefix=t.string("key_prefix", defaults.key_prefix),
+        expire=t.integer("expire", defaults.expire, minimum=0),
+        timeout=t.number("timeout", defaults.timeout, minimum=0.001),
+    )
+    t.finish()
+    if settings.driver == "redis" and not settings.url.startswith(("redis://", "rediss://", "unix://")):
+        raise t.error("url", f"expected redis://HOST:PORT/DB, rediss://... or unix://PATH, got {settings.url!r}")
+    return settings
+
+
+def _dicts(tables: list[_Table], source: str) -> tuple[DictSettings, ...]:
+    dicts = tuple(_dict(t) for t in tables)
+    seen: set[str] = set()
+    for index, settings in enumerate(dicts):
+        if settings.name in seen:
+            raise ConfigError(f"{source}: dict[{index}].name: another [[dict]] is named {settings.name!r}")
+        seen.add(settings.name)
+    return dicts
+
+
 def _relative(base: Path | None, path: Path | None) -> Path | None:
     if path is None or base is None or path.is_absolute():
         return path
@@ -455,6 +487,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None, *, require
         server=_server(section("server")),
         limits=_limits(section("limits")),
         state=_state(section("state")),
+        dicts=_dicts(root.tables("dict"), root.source),
     )
     root.finish()
     _check_passdbs(config.passdbs, root.source)

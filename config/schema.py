@@ -233,6 +233,28 @@ class StateSettings:
     log_interval: float = 60.0
 
 
+DICT_DRIVERS = ("memory", "redis")
+
+
+@dataclass(frozen=True)
+class DictSettings:
+    """One `[[dict]]`: a dict scripts open with authd.dict(name), kept in this process
+    ("memory") or on a Redis/Valkey server with Dovecot's dict-redis key layout ("redis")."""
+
+    name: str
+    driver: str = "memory"
+    #: memory: keys kept at most.
+    max_keys: int = 100_000
+    #: redis: redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path.
+    url: str = ""
+    #: redis: Dovecot's redis_key_prefix, put before every key.
+    key_prefix: str = ""
+    #: redis: Dovecot's redis_expire, seconds (0: keys never expire unless a transaction says so).
+    expire: int = 0
+    #: redis: Dovecot's redis_request_timeout, seconds one call may wait for the server.
+    timeout: float = 30.0
+
+
 @dataclass(frozen=True)
 class LogSettings:
     format: str = "console"
@@ -254,3 +276,4 @@ class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     state: StateSettings = field(default_factory=StateSettings)
+    dicts: tuple[DictSettings, ...] = ()
