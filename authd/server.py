@@ -42,7 +42,7 @@ from authd.passdb import PassdbChain
 from authd.penalty import PenaltyTracker
 from authd.reload import Generation, ScriptWatcher, script_files
 from authd.state import open_backend
-from authd.state.dict_redis import open_dicts
+from authd.state.dict_redis import open_dicts, run_dicts
 from authd.userdb import UserdbChain
 from authd.workers import SHARED_TYPES, Hooks, WorkerPool, worker_command
 from config import ConfigError, load_config
@@ -351,6 +351,7 @@ class Server:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.state.run)
+                nursery.start_soon(run_dicts, self._dict.dicts)
                 nursery.start_soon(self.failure_delay.serve)
                 nursery.start_soon(self._expire_requests)
                 nursery.start_soon(systemd.watchdog)
