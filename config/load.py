@@ -446,8 +446,11 @@ def _dict(t: _Table) -> DictSettings:
         key_prefix=t.string("key_prefix", defaults.key_prefix),
         expire=t.integer("expire", defaults.expire, minimum=0),
         timeout=t.number("timeout", defaults.timeout, minimum=0.001),
+        path=t.path("path"),
     )
     t.finish()
+    if settings.driver == "file" and settings.path is None:
+        raise t.error("path", "a file dict needs the path of its file")
     if settings.driver == "redis" and not settings.url.startswith(("redis://", "rediss://", "unix://")):
         raise t.error("url", f"expected redis://HOST:PORT/DB, rediss://... or unix://PATH, got {settings.url!r}")
     return settings
@@ -498,6 +501,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None, *, require
         listeners=tuple(replace(x, path=_relative(source, x.path)) for x in config.listeners),
         passdbs=tuple(replace(x, file=_relative(source, x.file)) for x in config.passdbs),
         userdbs=tuple(replace(x, file=_relative(source, x.file)) for x in config.userdbs),
+        dicts=tuple(replace(x, path=_relative(source, x.path)) for x in config.dicts),
     )
 
 

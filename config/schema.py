@@ -233,13 +233,14 @@ class StateSettings:
     log_interval: float = 60.0
 
 
-DICT_DRIVERS = ("memory", "redis")
+DICT_DRIVERS = ("memory", "redis", "file")
 
 
 @dataclass(frozen=True)
 class DictSettings:
     """One `[[dict]]`: a dict scripts open with authd.dict(name), kept in this process
-    ("memory") or on a Redis/Valkey server with Dovecot's dict-redis key layout ("redis")."""
+    ("memory"), on a Redis/Valkey server with Dovecot's dict-redis key layout ("redis")
+    or in a file of Dovecot's dict-file format ("file")."""
 
     name: str
     driver: str = "memory"
@@ -253,6 +254,8 @@ class DictSettings:
     expire: int = 0
     #: redis: Dovecot's redis_request_timeout, seconds one call may wait for the server.
     timeout: float = 30.0
+    #: file: the dict file (Dovecot's dict-file format); relative to the config file.
+    path: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The `[[dict]]` drivers authd opens for authd.dict(name): memory (lua_api.dict) and redis.
+"""The `[[dict]]` drivers authd opens for authd.dict(name): memory (lua_api.dict), file (dict_file) and redis.
 The redis driver lays keys out as Dovecot's dict-redis does, so data either writes reads back the same.
 
 Dovecot's mapping (src/lib-dict/dict-redis.c): `shared/REST` is `PREFIX REST` and
@@ -20,6 +20,7 @@ import structlog
 import trio
 from coredis.retry import NoRetryPolicy
 
+from authd.state.dict_file import FileDict
 from authd.state.redis import CONNECT_TIMEOUT, RETRY_INTERVAL, SHUTDOWN_NOISE, _leaves, _only_cancellation
 from config.schema import DictSettings
 from lua_api.dict import ChangeOp, DictChange, DictDriver, DictError, DictRow, MemoryDict
@@ -157,7 +158,12 @@ def open_dicts(dicts: Sequence[DictSettings]) -> dict[str, DictDriver]:
     """A driver for every [[dict]], by name."""
     drivers: dict[str, DictDriver] = {}
     for settings in dicts:
-        drivers[settings.name] = RedisDict(settings) if settings.driver == "redis" else MemoryDict(settings.max_keys)
+        if settings.driver == "redis":
+            drivers[settings.name] = RedisDict(settings)
+        elif settings.driver == "file" and settings.path is not None:
+            drivers[settings.name] = FileDict(settings.path)
+        else:
+            drivers[settings.name] = MemoryDict(settings.max_keys)
     return drivers
 
 
