@@ -8,7 +8,10 @@ local yield_io, io_kind, names = ...
 local type, select, error, setmetatable, tonumber, tostring, rawget =
   type, select, error, setmetatable, tonumber, tostring, rawget
 local format, sub = string.format, string.sub
-local tointeger = math.tointeger
+local floor = math.floor
+local tointeger = math.tointeger or function(n)  -- Lua 5.1 and 5.2
+  if n == floor(n) and n > -2^53 and n < 2^53 then return n end
+end
 
 -- lib-lua's DLUA_REQUIRE_ARGS(_IN): luaL_error, so the caller's position comes first.
 local function require_args(n, low, high)

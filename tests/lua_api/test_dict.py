@@ -6,6 +6,8 @@ Return shapes and error texts are those of Dovecot's dict-lua.c, dict-iter-lua.c
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +356,41 @@ def test_dict_config() -> None:
 
 def plain(user: str) -> str:
     return base64.b64encode(f"\0{user}\0pw".encode()).decode()
+
+
+VERSION_CHILD = """\
+import sys, trio
+from lua_api.dict import DictExtension, MemoryDict
+from lua_api.runtime import LuaState, StateOptions, drive, run_in_loop
+from tests.lua_api.conftest import RecordingHost
+
+async def main():
+    options = StateOptions(version=sys.argv[1], extensions=(DictExtension({"m": MemoryDict()}),))
+    state = LuaState(RecordingHost(), options)
+    fn = state.lua.eval(
+        b"function() local d = authd.dict('m') local t = d:transaction_begin() t:atomic_inc('shared/n', 2) "
+        b"t:set('shared/a', 'b') t:commit() local out = {} "
+        b"for k, v in d:iterate('shared/', dovecot.dict.ITERATE_FLAG_SORT_BY_KEY) do "
+        b"out[#out + 1] = k .. '=' .. v[1] end "
+        b"r = table.concat(out, ',') .. ' ' .. d:lookup('shared/n')[1] .. ' ' .. select(2, pcall(t.commit, t)) end"
+    )
+    outcome = await drive(state, fn, b"none", run_in_loop)
+    assert outcome.ok, outcome.error
+    print(state.lua.globals()[b"r"].decode())
+
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("version", ["5.1", "luajit", "5.3"])
+def test_other_lua_versions(version: str) -> None:
+    """The other Lua versions (each in a child interpreter: one lupa module per process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", VERSION_CHILD, version],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout == "shared/a=b,shared/n=2 2 dict transaction already committed\n"
