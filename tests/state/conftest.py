@@ -23,6 +23,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, as Redis fixes it) is a valid, free port too."""
+    for _ in range(1000):
+        with socket.socket() as sock, socket.socket() as bus:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+            if port + 10000 > 65535:
+                continue
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """One redis-server on 127.0.0.1:`port` with its data in `workdir` (no persistence)."""
 
@@ -120,7 +136,7 @@ def cluster(tmp_path: Path) -> Iterator[list[ClusterNode]]:
     redis_cli = shutil.which("redis-cli") or shutil.which("valkey-cli")
     if REDIS_SERVER is None or redis_cli is None:
         pytest.skip("redis-server and redis-cli are not installed (scripts/bootstrap installs them)")
-    nodes = [ClusterNode(tmp_path / f"cluster{i}") for i in range(3)]
+    nodes = [ClusterNode(tmp_path / f"cluster{i}", free_cluster_port()) for i in range(3)]
     try:
         for node in nodes:
             node.start()
