@@ -16,12 +16,11 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
-import trio
+from lua_api.blocking import wait_for
 
 if TYPE_CHECKING:
     from lua_api.runtime import LuaState
@@ -224,23 +223,8 @@ class DictExtension:
             return {b"error": str(exc).encode()}
 
     def perform_blocking(self, payload: Mapping[bytes, Any]) -> dict[bytes, Any]:
-        """A call where Lua cannot yield: wait here (see DnsExtension.perform_blocking)."""
-        if trio.lowlevel.in_trio_run():
-            with ThreadPoolExecutor(max_workers=1) as helper:
-                return helper.submit(trio.run, self.perform, payload).result()
-        started = False
-
-        async def in_daemon_loop() -> dict[bytes, Any]:
-            nonlocal started
-            started = True
-            return await self.perform(payload)
-
-        try:
-            return trio.from_thread.run(in_daemon_loop)
-        except RuntimeError:
-            if started:
-                raise
-        return trio.run(self.perform, payload)
+        """A call where Lua cannot yield: wait here (lua_api.blocking.wait_for says how)."""
+        return wait_for(self.perform, self.perform, payload)
 
     async def aclose(self) -> None:
         for driver in self.dicts.values():

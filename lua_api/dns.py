@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +31,8 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 import trio
+
+from lua_api.blocking import wait_for
 
 if TYPE_CHECKING:
     from lua_api.runtime import LuaState
@@ -199,28 +200,8 @@ class DnsExtension:
         return [rdata.address.encode() for rdata in answer]
 
     def perform_blocking(self, payload: Mapping[bytes, Any]) -> dict[bytes, Any]:
-        """A lookup where Lua cannot yield: wait here (see HttpExtension.perform_blocking).
-
-        From a trio worker thread the lookup runs in the daemon's loop; on the loop's
-        own thread (blocking = no) a private loop on a helper thread does it; without
-        any trio loop a private loop runs right here.
-        """
-        if trio.lowlevel.in_trio_run():
-            with ThreadPoolExecutor(max_workers=1) as helper:
-                return helper.submit(trio.run, self.perform, payload).result()
-        started = False
-
-        async def in_daemon_loop() -> dict[bytes, Any]:
-            nonlocal started
-            started = True
-            return await self.perform(payload)
-
-        try:
-            return trio.from_thread.run(in_daemon_loop)
-        except RuntimeError:
-            if started:
-                raise
-        return trio.run(self.perform, payload)
+        """A lookup where Lua cannot yield: wait here (lua_api.blocking.wait_for says how)."""
+        return wait_for(self.perform, self.perform, payload)
 
 
 def _values(answer: list[bytes] | LookupFailed) -> list[bytes]:

@@ -34,7 +34,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from enum import IntEnum
 from importlib import resources
@@ -43,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 import h11
 import structlog
 import trio
+
+from lua_api.blocking import wait_for
 
 if TYPE_CHECKING:
     from lua_api.runtime import LuaState
@@ -1677,26 +1678,9 @@ class HttpExtension:
         """submit() where Lua cannot yield: wait here, as Dovecot's submit() always does.
 
         From a trio worker thread the request still goes through the daemon's loop and
-        pools. On the loop's own thread (blocking = no) the loop has to stand still, as
-        Dovecot's auth process does: a private loop on a helper thread does the request.
-        Without any trio loop (tools, tests) a private loop runs right here.
+        pools; elsewhere it runs on a connection of its own (lua_api.blocking.wait_for).
         """
-        if trio.lowlevel.in_trio_run():
-            with ThreadPoolExecutor(max_workers=1) as helper:
-                return helper.submit(trio.run, self._perform_alone, spec).result()
-        started = False
-
-        async def in_daemon_loop() -> list[Any]:
-            nonlocal started
-            started = True
-            return await self.perform(spec)
-
-        try:
-            return trio.from_thread.run(in_daemon_loop)
-        except RuntimeError:
-            if started:
-                raise
-        return trio.run(self._perform_alone, spec)
+        return wait_for(self.perform, self._perform_alone, spec)
 
     async def _perform_alone(self, spec: Mapping[int, Any]) -> list[Any]:
         """One request on a connection of its own (a private loop cannot use the daemon's)."""
