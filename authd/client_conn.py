@@ -21,6 +21,7 @@ import trio
 
 from authd.auth_request import AuthRequest, UsernameError
 from authd.conn_reader import ConnectionReader
+from authd.log_throttle import ThrottledWarning
 from authd.outbox import Outbox
 from authd.penalty import penalty_to_secs
 from authd.proxy import drop_proxy_fields, proxy_finish, wants_proxy
@@ -70,41 +71,25 @@ class InFlight:
     def __init__(self, metrics: Metrics) -> None:
         self.count = 0
         self._refused = metrics.requests_refused
-        self._unlogged = 0
-        self._logged_at: float | None = None
-        self._full_unlogged = 0
-        self._full_logged_at: float | None = None
+        self._queue_full = ThrottledWarning(log, "auth.queue_full", QUEUE_FULL_LOG_SECS, "refused")
+        self._connection_full = ThrottledWarning(log, "auth.connection_full", QUEUE_FULL_LOG_SECS, "refused")
         metrics.requests_in_flight.set_function(lambda: self.count)
 
     def connection_full(self, limit: int) -> None:
         """An AUTH refused at [limits] open_requests_per_connection: logged as
         `auth.connection_full` once per QUEUE_FULL_LOG_SECS, with the refusals since."""
-        self._full_unlogged += 1
-        now = time.monotonic()
-        if self._full_logged_at is None or now - self._full_logged_at >= QUEUE_FULL_LOG_SECS:
-            log.warning(
-                "auth.connection_full",
-                message=f"{limit} requests open on one connection: new ones get temp_fail "
-                "([limits] open_requests_per_connection)",
-                limit=limit,
-                refused=self._full_unlogged,
-            )
-            self._full_logged_at = now
-            self._full_unlogged = 0
+        self._connection_full.hit(
+            message=f"{limit} requests open on one connection: new ones get temp_fail "
+            "([limits] open_requests_per_connection)",
+            limit=limit,
+        )
 
     def refused(self, limit: int) -> None:
         self._refused.inc()
-        self._unlogged += 1
-        now = time.monotonic()
-        if self._logged_at is None or now - self._logged_at >= QUEUE_FULL_LOG_SECS:
-            log.warning(
-                "auth.queue_full",
-                message=f"{limit} requests in progress: new ones get temp_fail ([limits] requests_total)",
-                limit=limit,
-                refused=self._unlogged,
-            )
-            self._logged_at = now
-            self._unlogged = 0
+        self._queue_full.hit(
+            message=f"{limit} requests in progress: new ones get temp_fail ([limits] requests_total)",
+            limit=limit,
+        )
 
 
 def log_duplicate_pid(pid: int, **context: object) -> None:

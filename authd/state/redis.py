@@ -20,6 +20,7 @@ import trio
 from coredis.retry import NoRetryPolicy
 from prometheus_client import CollectorRegistry, Counter
 
+from authd.log_throttle import ThrottledWarning
 from authd.penalty import CHECKSUMS, EXPIRE_SECS, INIT_SECS, MAX_PENALTY, MAX_SECS
 from authd.state import FlushHandler
 from config.schema import StateSettings
@@ -107,25 +108,12 @@ class _Fallbacks:
     """Counts every time local state answered instead of Redis; logs at most once per interval."""
 
     def __init__(self, interval: float, counter: Counter) -> None:
-        self.interval = interval
         self.counter = counter
-        self._unlogged = 0
-        self._next_log = 0.0
+        self._warning = ThrottledWarning(log, "state.fallback", interval, "fallbacks")
 
     def note(self, op: str, reason: str) -> None:
         self.counter.labels(op).inc()
-        self._unlogged += 1
-        now = time.monotonic()
-        if now >= self._next_log:
-            log.warning(
-                "state.fallback",
-                op=op,
-                reason=reason,
-                fallbacks=self._unlogged,
-                message="Redis unavailable: local state answers",
-            )
-            self._unlogged = 0
-            self._next_log = now + self.interval
+        self._warning.hit(op=op, reason=reason, message="Redis unavailable: local state answers")
 
 
 class RedisState:
